@@ -1,0 +1,85 @@
+"""Saving and loading checkpoints, in one place for training, generation and the web demo.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(..., weights_only=True)`, which never runs code hidden in a file:
+
+    format_version, model_config, data_config, train_config   (dataclasses as dicts)
+    tokenizer        {"kind": "char", "chars": ...} or {"kind": "bpe", "encoding": "gpt2", ...}
+    model            the raw model's state_dict (never a torch.compile wrapper's)
+    optimizer, step, best_val_loss, tokens_seen, rng, torch_version
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_handling import Tokenizer, tokenizer_from_dict, write_atomically
+from hyperparameters import ModelConfig, UserFacingError
+from model_architecture import GPT
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model_config", "tokenizer", "model")
+HOW_TO_TRAIN = "train one with `python train_model.py`"
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-save leaves the previous file intact, never half a file."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomically(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely, turning every way it can be wrong into a one-line error."""
+    if not path.exists():
+        raise UserFacingError(f"checkpoint {path} not found; {HOW_TO_TRAIN}")
+    if path.is_dir():
+        raise UserFacingError(f"checkpoint {path} is a directory, not a file")
+    if path.stat().st_size == 0:
+        raise UserFacingError(f"checkpoint {path} is empty (0 bytes); {HOW_TO_TRAIN}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        # weights_only refuses any object it does not know, so a malicious file lands here too.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserFacingError(f"{path} is not a readable checkpoint ({reason:.120})") from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
+        raise UserFacingError(f"{path} is not a checkpoint of this project")
+    if checkpoint["format_version"] != FORMAT_VERSION:
+        raise UserFacingError(
+            f"checkpoint {path} has format version {checkpoint['format_version']}; "
+            f"this version of the project reads version {FORMAT_VERSION}"
+        )
+    return checkpoint
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], device: torch.device
+) -> tuple[GPT, Tokenizer]:
+    """Rebuild the model (in eval mode, on `device`) and its tokenizer from a checkpoint alone."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        model_config = ModelConfig(
+            **{k: v for k, v in checkpoint["model_config"].items() if k in known}
+        )
+    except (TypeError, ValueError) as err:
+        raise UserFacingError(f"checkpoint holds an invalid model config ({err})") from None
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise UserFacingError(
+            f"checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model expects "
+            f"{model_config.vocab_size}"
+        )
+    model = GPT(model_config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise UserFacingError(f"checkpoint's weights do not fit its model ({first_line})") from None
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,337 @@
+"""From a text file to batches of token ids.
+
+1. Find the corpus: `--data PATH`, else `input.txt` in the current folder, else download
+   Tiny Shakespeare (checked by sha256).
+2. Tokenize it: one token per character (`CharTokenizer`), or GPT-2's byte-pair encoding
+   (`BPETokenizer`, built by tiktoken from the ranks file shipped in `assets/`, no network).
+3. Cache the token ids on disk, so the next run skips encoding.
+4. Split the ids into train (the start) and validation (the end), and draw random windows
+   as batches with `get_batch`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tiktoken
+import torch
+
+from hyperparameters import UserFacingError
+
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_CORPUS = Path("input.txt")
+
+GPT2_RANKS_PATH = Path(__file__).resolve().parent / "assets" / "r50k_base.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenizer: splits text into words, numbers, punctuation runs and spaces before
+# byte-pair merging (the same pattern as tiktoken's r50k_base).
+GPT2_SPLIT_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+GPT2_END_OF_TEXT = 50256
+
+
+def sha256_hex(data: bytes) -> str:
+    """The sha256 digest of `data` as 64 hex characters."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus
+
+
+def download_corpus(
+    dest: Path, url: str = TINY_SHAKESPEARE_URL, expected_sha256: str = TINY_SHAKESPEARE_SHA256
+) -> None:
+    """Download `url` to `dest`, verified against its sha256 and written atomically."""
+    print(f"downloading {url} to {dest} ...")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise UserFacingError(
+            f"could not download the corpus from {url} ({err}); pass --data PATH to any "
+            f"UTF-8 text file, or place the text at {dest}"
+        ) from err
+    digest = sha256_hex(data)
+    if digest != expected_sha256:
+        raise UserFacingError(
+            f"downloaded corpus has sha256 {digest}, expected {expected_sha256}; pass --data "
+            f"PATH to any UTF-8 text file, or place the text at {dest}"
+        )
+    write_atomically(dest, data)
+
+
+def resolve_corpus(data: str) -> Path:
+    """The corpus to train on: `data` if given, else input.txt, else a fresh download."""
+    if data:
+        return Path(data)
+    if not DEFAULT_CORPUS.exists():
+        download_corpus(DEFAULT_CORPUS)
+    return DEFAULT_CORPUS
+
+
+def read_corpus(path: Path) -> str:
+    """Read a UTF-8 corpus, refusing files that cannot be trained on, with a clear reason."""
+    if not path.exists():
+        raise UserFacingError(f"corpus {path} not found; pass --data PATH to a UTF-8 text file")
+    if path.is_dir():
+        raise UserFacingError(f"corpus {path} is a directory; pass --data PATH to a text file")
+    raw = path.read_bytes()
+    if not raw:
+        raise UserFacingError(f"corpus {path} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserFacingError(
+            f"corpus {path} is not UTF-8 text (bad byte at offset {err.start})"
+        ) from err
+    if not text.strip():
+        raise UserFacingError(f"corpus {path} holds only whitespace")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers: text <-> list of ints. Both know how to describe themselves for a checkpoint.
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the sorted set of the corpus' characters."""
+
+    def __init__(self, chars: str) -> None:
+        assert len(set(chars)) == len(chars), "character vocabulary has duplicates"
+        self.chars = chars
+        self.char_to_id = {ch: i for i, ch in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """Build the vocabulary from every character that occurs in `text`."""
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids; characters outside the vocabulary are a user error naming them."""
+        try:
+            return [self.char_to_id[ch] for ch in text]
+        except KeyError:
+            unknown = sorted(set(text) - set(self.char_to_id))
+            shown = ", ".join(repr(ch) for ch in unknown[:10])
+            raise UserFacingError(f"text has characters not in the vocabulary: {shown}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text."""
+        return "".join(self.chars[i] for i in ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes of one token (for streaming output)."""
+        return self.chars[token_id].encode("utf-8")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The description stored in a checkpoint: the whole vocabulary."""
+        return {"kind": "char", "chars": self.chars}
+
+    def cache_key(self) -> str:
+        """Identifies this exact vocabulary, for the token cache's file name."""
+        return "char-" + sha256_hex(self.chars.encode("utf-8"))[:16]
+
+
+def load_gpt2_ranks(path: Path = GPT2_RANKS_PATH) -> dict[bytes, int]:
+    """Read GPT-2's byte-pair ranks (one `base64(token) rank` per line), checking the sha256."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserFacingError(f"GPT-2 ranks file {path} cannot be read ({err})") from err
+    if sha256_hex(raw) != GPT2_RANKS_SHA256:
+        raise UserFacingError(f"GPT-2 ranks file {path} is damaged (sha256 mismatch)")
+    ranks = {}
+    for line in raw.split(b"\n"):
+        if line:
+            token, rank = line.split()
+            ranks[codecs.decode(token, "base64")] = int(rank)
+    return ranks
+
+
+class BPETokenizer:
+    """GPT-2's byte-pair encoding (50,257 ids), built locally by tiktoken."""
+
+    def __init__(self, ranks_path: Path = GPT2_RANKS_PATH) -> None:
+        self.encoding = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=GPT2_SPLIT_PATTERN,
+            mergeable_ranks=load_gpt2_ranks(ranks_path),
+            special_tokens={"<|endoftext|>": GPT2_END_OF_TEXT},
+        )
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids. "<|endoftext|>" inside the text is treated as ordinary characters."""
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text (bytes that are not valid UTF-8 become U+FFFD)."""
+        return self.encoding.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token; a character may span two tokens."""
+        return self.encoding.decode_single_token_bytes(token_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The description stored in a checkpoint: the encoding's name and ranks digest."""
+        return {"kind": "bpe", "encoding": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256}
+
+    def cache_key(self) -> str:
+        """Identifies this exact encoding, for the token cache's file name."""
+        return "bpe-" + GPT2_RANKS_SHA256[:16]
+
+
+Tokenizer = CharTokenizer | BPETokenizer
+
+
+def build_tokenizer(kind: str, text: str) -> Tokenizer:
+    """A fresh tokenizer of the given kind ("char" or "bpe") for this corpus."""
+    if kind == "char":
+        return CharTokenizer.from_text(text)
+    if kind == "bpe":
+        return BPETokenizer()
+    raise UserFacingError(f"unknown tokenizer {kind!r}; choose char or bpe")
+
+
+def tokenizer_from_dict(description: dict[str, Any]) -> Tokenizer:
+    """Rebuild the tokenizer a checkpoint describes."""
+    kind = description.get("kind")
+    if kind == "char" and isinstance(description.get("chars"), str):
+        return CharTokenizer(description["chars"])
+    if kind == "bpe" and description.get("encoding") == "gpt2":
+        if description.get("ranks_sha256") != GPT2_RANKS_SHA256:
+            raise UserFacingError("checkpoint was made with other GPT-2 ranks than this project's")
+        return BPETokenizer()
+    raise UserFacingError(f"checkpoint describes an unknown tokenizer: {description!r:.80}")
+
+
+def stream_decode(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Turn a stream of ids into a stream of text pieces, never splitting a character."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token_id in ids:
+        piece = decoder.decode(tokenizer.token_bytes(token_id))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding with an on-disk cache
+
+
+def encode_corpus(text: str, tokenizer: Tokenizer, cache_dir: Path) -> np.ndarray:
+    """The corpus as a uint16 array of ids, from the cache when a valid one exists.
+
+    The cache file's name holds the corpus' sha256 and the tokenizer's key, and the file holds
+    both again plus a checksum of the ids, so a stale, truncated or foreign cache is rebuilt.
+    """
+    assert tokenizer.vocab_size <= 2**16, "uint16 cache cannot hold this vocabulary"
+    meta = {"corpus_sha256": sha256_hex(text.encode("utf-8")), "tokenizer": tokenizer.cache_key()}
+    path = cache_dir / f"tokens-{meta['corpus_sha256'][:16]}-{meta['tokenizer']}.npz"
+    if path.exists():
+        tokens = _read_token_cache(path, meta)
+        if tokens is not None:
+            return tokens
+        print(f"token cache {path} is stale or damaged; rebuilding it")
+    tokens = np.array(tokenizer.encode(text), dtype=np.uint16)
+    _write_token_cache(path, tokens, meta)
+    return tokens
+
+
+def _read_token_cache(path: Path, meta: dict[str, str]) -> np.ndarray | None:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            tokens = archive["tokens"]
+            stored = json.loads(str(archive["meta"]))
+    except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError):
+        return None
+    expected = {**meta, "tokens_sha256": sha256_hex(tokens.tobytes())}
+    if tokens.dtype != np.uint16 or stored != expected:
+        return None
+    return tokens
+
+
+def _write_token_cache(path: Path, tokens: np.ndarray, meta: dict[str, str]) -> None:
+    full_meta = {**meta, "tokens_sha256": sha256_hex(tokens.tobytes())}
+    buffer = io.BytesIO()
+    np.savez(buffer, tokens=tokens, meta=np.array(json.dumps(full_meta)))
+    try:
+        write_atomically(path, buffer.getvalue())
+    except OSError as err:  # a cache is an optimisation: failing to write one is not fatal
+        print(f"warning: could not write token cache {path} ({err})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and batches
+
+
+def split_tokens(
+    tokens: np.ndarray, val_fraction: float, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First (1 - val_fraction) of the ids for training, the rest for validation (int64)."""
+    n_val = int(len(tokens) * val_fraction)
+    n_train = len(tokens) - n_val
+    for name, size in (("training", n_train), ("validation", n_val)):
+        if size < block_size + 1:
+            raise UserFacingError(
+                f"the {name} split has {size} tokens, fewer than block_size + 1 = "
+                f"{block_size + 1}; use a longer corpus or a smaller block_size"
+            )
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    return ids[:n_train], ids[n_train:]
+
+
+def get_batch(
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of the data: inputs x and targets y (x shifted by one), each (B, T)."""
+    # Every window of block_size + 1 consecutive ids, as a view: (len - block_size, T + 1).
+    windows = data.unfold(0, block_size + 1, 1)
+    starts = torch.randint(len(windows), (batch_size,), generator=generator)
+    batch = windows[starts]  # (B, T + 1), one gather, no Python loop
+    x, y = batch[:, :-1], batch[:, 1:]
+    if device.type == "cuda":
+        # Pinned host memory lets the copy run asynchronously with the GPU's work.
+        return (
+            x.pin_memory().to(device, non_blocking=True),
+            y.pin_memory().to(device, non_blocking=True),
+        )
+    return x.contiguous().to(device), y.contiguous().to(device)

@@ -1,0 +1,91 @@
+"""Write text with a trained model, streamed to the terminal as it is generated.
+
+    python generate_text.py                                  # from out/ckpt_best.pth
+    python generate_text.py --prompt "ROMEO:" --max_new_tokens 300 --temperature 0.7
+    python generate_text.py --ckpt out/ckpt_last.pth --num_samples 3 --top_k 40 --seed 7
+
+Everything about the model (its shape and tokenizer) comes from the checkpoint; the same
+checkpoint, prompt, settings and seed always give the same text.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from data_handling import stream_decode
+from hyperparameters import (
+    SampleConfig,
+    TrainConfig,
+    UserFacingError,
+    build_parser,
+    parse_configs,
+    print_error,
+)
+from train_model import resolve_device
+
+PROG = "generate_text.py"
+SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"
+
+
+def read_prompt(config: SampleConfig) -> str:
+    """The prompt text, from --prompt_file if given, else --prompt."""
+    if config.prompt_file:
+        try:
+            prompt = Path(config.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserFacingError(f"cannot read prompt file {config.prompt_file} ({err})") from None
+    else:
+        prompt = config.prompt
+    if not prompt:
+        raise UserFacingError("the prompt is empty; give at least one character with --prompt")
+    return prompt
+
+
+def checkpoint_path(sample_config: SampleConfig, train_config: TrainConfig) -> Path:
+    """--ckpt if given, else the best checkpoint of the run in --out_dir."""
+    if sample_config.ckpt:
+        return Path(sample_config.ckpt)
+    return Path(train_config.out_dir) / "ckpt_best.pth"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate from the command line; returns the exit status."""
+    parser = build_parser(
+        __doc__, [(SampleConfig, None), (TrainConfig, ["out_dir", "device", "seed"])]
+    )
+    try:
+        (sample_config, train_config), _ = parse_configs(parser, [SampleConfig, TrainConfig], argv)
+        device = resolve_device(train_config.device)
+        checkpoint = load_checkpoint(checkpoint_path(sample_config, train_config))
+        model, tokenizer = model_from_checkpoint(checkpoint, device)
+        prompt_ids = tokenizer.encode(read_prompt(sample_config))
+    except UserFacingError as err:
+        print_error(PROG, err)
+        return 2
+    generator = torch.Generator(device=device).manual_seed(train_config.seed)
+    for sample in range(sample_config.num_samples):
+        if sample > 0:
+            sys.stdout.write(SAMPLE_SEPARATOR)
+        sys.stdout.write(tokenizer.decode(prompt_ids))
+        new_ids = model.generate(
+            prompt_ids,
+            max_new_tokens=sample_config.max_new_tokens,
+            temperature=sample_config.temperature,
+            top_k=sample_config.top_k,
+            top_p=sample_config.top_p,
+            generator=generator,
+            use_cache=sample_config.use_cache,
+        )
+        for piece in stream_decode(tokenizer, new_ids):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

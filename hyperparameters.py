@@ -1,0 +1,263 @@
+"""The one place where the model, data, training and sampling settings live.
+
+Edit the defaults below to experiment, or override any of them on the command line:
+
+    python train_model.py --n_layer=6 --n_embd=192 --max_iters=3000
+    python train_model.py --tokenizer bpe --data my_text.txt
+    python generate_text.py --temperature=0.8 --top_k=40
+
+Each setting is a dataclass field with a default and a help text; the command-line options,
+their types, choices and `--help` are all derived from these fields, and a trained model
+carries its settings inside its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, NoReturn
+
+
+class UserFacingError(Exception):
+    """A problem the user can fix (bad option, missing file...): shown as one line, exit 2."""
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - "help" is argparse's own word
+    """A dataclass field whose help text is data, so the CLI and the tests can read it."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the transformer."""
+
+    n_layer: int = setting(4, "transformer blocks; 2..12")
+    n_head: int = setting(4, "attention heads per block; must divide n_embd")
+    n_embd: int = setting(192, "width of the residual stream; 64..768")
+    block_size: int = setting(128, "context length in tokens; 32..1024")
+    dropout: float = setting(0.1, "dropout probability during training; 0..0.3")
+    bias: bool = setting(True, "use bias in Linear and LayerNorm layers, as GPT-2 does")
+    attention: Literal["sdpa", "manual"] = setting(
+        "sdpa", "attention kernel: fused scaled_dot_product_attention, or the manual reference"
+    )
+    vocab_size: int = setting(0, "set from the tokenizer when training starts; not an option")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_head >= 1 and self.n_embd % self.n_head != 0:
+            problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.vocab_size < 0:
+            problems.append(f"vocab_size must be >= 0, got {self.vocab_size}")
+        raise_if_any(problems)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    data: str = setting("", "path to a UTF-8 text file; empty = input.txt, else Tiny Shakespeare")
+    tokenizer: Literal["char", "bpe"] = setting(
+        "char", "char: one token per character; bpe: GPT-2's byte-pair encoding"
+    )
+    val_fraction: float = setting(0.1, "share of the corpus (its end) held out; 0.05..0.2")
+    cache_dir: str = setting(".cache", "folder for encoded-corpus caches")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 < self.val_fraction < 1.0:
+            problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        raise_if_any(problems)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long and how fast to learn, where to write results, on which device."""
+
+    batch_size: int = setting(32, "sequences per micro-batch; 8..64 on a CPU")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; 1..8")
+    max_iters: int = setting(2500, "optimizer steps in total; 1000..20000")
+    learning_rate: float = setting(2e-3, "peak AdamW step size; 1e-4..3e-3 for small models")
+    min_lr: float = setting(1e-4, "floor of the cosine decay; about learning_rate / 10")
+    warmup_iters: int = setting(100, "steps of linear warmup from near 0 to learning_rate")
+    weight_decay: float = setting(0.1, "AdamW decay on weight matrices only; 0..0.2")
+    beta1: float = setting(0.9, "AdamW first-moment decay")
+    beta2: float = setting(0.99, "AdamW second-moment decay; 0.95..0.999")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables")
+    eval_interval: int = setting(250, "evaluate and checkpoint every this many steps")
+    eval_iters: int = setting(20, "batches per split when estimating the loss")
+    log_interval: int = setting(10, "refresh the progress bar's loss every this many steps")
+    out_dir: str = setting("out", "folder for checkpoints, metrics and the loss plot")
+    resume: bool = setting(False, "continue the run saved in out_dir/ckpt_last.pth")
+    device: Literal["auto", "cpu", "cuda", "mps"] = setting(
+        "auto", "auto tries cuda, then mps, then cpu"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "auto: bfloat16 (or float16) autocast on CUDA, float32 elsewhere"
+    )
+    compile: bool = setting(False, "wrap the model in torch.compile (falls back if it fails)")
+    seed: int = setting(1337, "random seed: same seed, same run and same samples")
+
+    def __post_init__(self) -> None:
+        problems = []
+        at_least_one = (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+        )
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            problems.append(f"min_lr must be in [0, learning_rate], got {self.min_lr}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.out_dir:
+            problems.append("out_dir must not be empty")
+        raise_if_any(problems)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to draw text from a trained model."""
+
+    ckpt: str = setting("", "checkpoint file to sample from; empty = out_dir/ckpt_best.pth")
+    prompt: str = setting("\n", "text the samples continue from")
+    prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
+    num_samples: int = setting(1, "how many samples to draw; 1..10")
+    max_new_tokens: int = setting(500, "tokens to generate per sample; 1..10000")
+    temperature: float = setting(0.8, "0 = always the likeliest token; 0.5..1.2 for variety")
+    top_k: int = setting(0, "sample only from the k likeliest tokens; 0 disables")
+    top_p: float = setting(1.0, "sample from the smallest set with this much probability; 1 disables")
+    use_cache: bool = setting(True, "reuse keys/values of earlier tokens (same text, faster)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_samples < 1:
+            problems.append(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        raise_if_any(problems)
+
+
+CONFIG_CLASSES = (ModelConfig, DataConfig, TrainConfig, SampleConfig)
+
+# Filled in from the tokenizer or chosen by the program, never typed by a user.
+NOT_OPTIONS = frozenset({"vocab_size"})
+
+
+def raise_if_any(problems: list[str]) -> None:
+    """Report every validation problem at once, as one line."""
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line, derived from the dataclass fields
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_bool(text: str) -> bool:
+    """Read true/false, yes/no, 1/0 (any case) as a bool."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def text_arg(text: str) -> str:
+    r"""Accept a string; "\n" and "\t" typed on a shell become real newlines and tabs."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _add_field(group: argparse._ArgumentGroup, name: str, hint: Any, default: Any, help: str) -> None:  # noqa: A002
+    # default=SUPPRESS keeps untyped options out of the namespace, so we know what was given.
+    shown = repr(default) if isinstance(default, str) else default
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help} (default: {shown})"}
+    if typing.get_origin(hint) is Literal:
+        kwargs["choices"] = typing.get_args(hint)
+    elif hint is bool:
+        kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+    elif hint is str:
+        kwargs["type"] = text_arg
+    else:
+        kwargs["type"] = hint
+    group.add_argument(f"--{name}", **kwargs)
+
+
+def build_parser(
+    description: str, groups: list[tuple[type, list[str] | None]]
+) -> OneLineParser:
+    """An argument parser with one `--field` option per dataclass field.
+
+    Args:
+        description: shown at the top of `--help`.
+        groups: (config class, field names to expose or None for all) pairs; each becomes an
+            argument group of `--help`.
+    """
+    parser = OneLineParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for config_class, only in groups:
+        group = parser.add_argument_group(config_class.__name__, config_class.__doc__)
+        hints = typing.get_type_hints(config_class)
+        for f in dataclasses.fields(config_class):
+            if f.name in NOT_OPTIONS or (only is not None and f.name not in only):
+                continue
+            _add_field(group, f.name, hints[f.name], f.default, f.metadata["help"])
+    return parser
+
+
+def parse_configs(
+    parser: OneLineParser, config_classes: list[type], argv: list[str] | None = None
+) -> tuple[list[Any], set[str]]:
+    """Parse the command line into one validated instance per config class.
+
+    Returns:
+        The configs, in the order of `config_classes`, and the set of option names the user
+        gave explicitly (so a resumed run can tell a deliberate override from a default).
+    """
+    given = vars(parser.parse_args(argv))
+    configs = []
+    for config_class in config_classes:
+        names = {f.name for f in dataclasses.fields(config_class)}
+        try:
+            configs.append(config_class(**{k: v for k, v in given.items() if k in names}))
+        except ValueError as err:
+            parser.error(str(err))
+    return configs, set(given)
+
+
+def print_error(prog: str, err: BaseException) -> None:
+    """Print a user-facing failure as one line on stderr."""
+    print(f"{prog}: error: {err}", file=sys.stderr)

@@ -1,0 +1,328 @@
+"""A GPT (GPT-2's architecture), written by hand so every line maps to the math.
+
+The computation, for a sequence of token ids:
+    x = token_embedding(ids) + position_embedding(0..T-1)
+    for each block:  x = x + attention(layer_norm(x));  x = x + feed_forward(layer_norm(x))
+    logits = final_norm(x) @ token_embedding.weight^T     (the output head shares the embedding)
+Attention lets each position look back at earlier ones; the feed-forward then thinks about what
+it gathered, one position at a time. `GPT.generate` samples text from the logits, one token at a
+time, reusing earlier keys and values through a `KVCache`.
+
+Shape legend: B batch, T time (sequence length), C = n_embd, nh heads, hs = C / nh head size,
+V vocabulary size. GPT-2's names for our modules: token_embedding = wte,
+position_embedding = wpe, qkv_proj = c_attn, out_proj = c_proj, fc_in = c_fc, fc_out = c_proj,
+final_norm = ln_f.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperparameters import ModelConfig
+
+# ----------------------------------------------------------------------------------------------
+# Attention: the reference written out step by step, and the fused fast path.
+# Both take q of shape (B, nh, Tq, hs), k and v of shape (B, nh, Tk, hs) with Tk >= Tq (the
+# queries are the last Tq of the Tk positions), and a boolean mask (Tq, Tk) that is True where
+# a query may look at a key. Both return (B, nh, Tq, hs).
+
+
+def causal_attention_manual(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs), causally masked) v, one line per step (the reference)."""
+    scores = q @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
+    # Dividing by sqrt(hs) keeps the scores' variance near 1, so softmax does not saturate.
+    scores = scores / math.sqrt(k.size(-1))  # (B, nh, Tq, Tk)
+    scores = scores.masked_fill(~mask, float("-inf"))  # no looking at the future
+    attn_weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk), each row sums to 1
+    attn_weights = F.dropout(attn_weights, p=dropout_p, training=dropout_p > 0)
+    return attn_weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
+
+
+def causal_attention_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """The same computation through PyTorch's fused kernel (faster, less memory)."""
+    if q.size(-2) == k.size(-2):
+        # is_causal aligns its triangle to the top-left, which is only right when Tq == Tk.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+ATTENTION_KERNELS = {"manual": causal_attention_manual, "sdpa": causal_attention_sdpa}
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: every position gathers information from earlier ones.
+
+    Each head is an independent attention over an hs-wide slice of the channels; the heads run
+    in parallel by folding nh into the batch dimension, and their outputs are concatenated and
+    mixed by one output projection.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.attend = ATTENTION_KERNELS[config.attention]
+        # Queries, keys and values for all heads come from one matrix multiply.
+        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.residual_dropout = nn.Dropout(config.dropout)
+        # Lower triangle: position i may attend to positions 0..i. Built once; not saved in
+        # checkpoints (persistent=False) because it is derived from block_size.
+        mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With a cache, x holds only the new positions."""
+        B, T, C = x.shape
+        q, k, v = self.qkv_proj(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, Tk, hs): all positions so far
+        Tk = k.size(2)
+        # The new queries are the last T of the Tk positions: rows Tk-T..Tk-1 of the triangle.
+        mask = self.causal_mask[Tk - T : Tk, :Tk]  # (T, Tk)
+        dropout_p = self.dropout if self.training else 0.0  # evaluation must be deterministic
+        y = self.attend(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge heads: (B, T, nh * hs)
+        return self.residual_dropout(self.out_proj(y))  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """Per-position MLP: widen to 4 x n_embd, GELU, project back."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        return self.dropout(self.fc_out(self.gelu(self.fc_in(x))))
+
+
+class Block(nn.Module):
+    """Transformer block: communication (attention) followed by computation (feed-forward).
+
+    Pre-LayerNorm: each sub-layer sees a normalised copy of the residual stream and adds its
+    result back, so gradients flow straight through the additions.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        x = x + self.attn(self.norm_1(x), cache)
+        return x + self.mlp(self.norm_2(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    """Embeddings, a stack of blocks, and a head that scores every vocabulary entry."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.vocab_size > 0, "vocab_size must be set from the tokenizer"
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.final_norm = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: reading a token in and scoring it on the way out use one matrix, which
+        # saves parameters and helps small models (Press & Wolf, 2017; GPT-2 does the same).
+        self.lm_head.weight = self.token_embedding.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2's initialisation: N(0, 0.02) for weights, zero biases.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # Each block adds two projections into the residual stream; scaling them by
+        # 1/sqrt(2 * n_layer) keeps its variance from growing with depth (GPT-2 paper, 2.3).
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters (the tied embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position, and the mean cross-entropy loss if targets are given.
+
+        Args:
+            idx: token ids, (B, T). With a cache, only the positions not yet in it.
+            targets: the next token at every position, (B, T), or None.
+            cache: keys and values of earlier positions, extended in place.
+
+        Returns:
+            logits (B, T, V) and the loss (a scalar) or None.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        assert start + T <= self.config.block_size, (
+            f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
+        )
+        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
+        x = self.embedding_dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.final_norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[int]:
+        """Continue the prompt, yielding each new token id as soon as it is chosen.
+
+        Args:
+            prompt_ids: at least one token id; only the last block_size are used.
+            max_new_tokens: how many tokens to generate.
+            temperature: 0 picks the likeliest token; higher values flatten the distribution.
+            top_k: keep only the k likeliest tokens (0 keeps all).
+            top_p: keep the smallest set of tokens whose probability reaches top_p (1 keeps all).
+            generator: the random source for sampling, for reproducible text.
+            use_cache: reuse keys and values of earlier positions (same tokens, less compute).
+        """
+        assert len(prompt_ids) > 0, "generate needs at least one prompt token"
+        block_size = self.config.block_size
+        device = self.token_embedding.weight.device
+        tokens = list(prompt_ids)
+        window = torch.tensor([tokens[-block_size:]], device=device)  # (1, T)
+        cache = KVCache(self, batch_size=1) if use_cache else None
+        logits, _ = self(window, cache=cache)  # (1, T, V): the prompt in one pass
+        for _ in range(max_new_tokens):
+            next_id = sample_next(logits[0, -1].float(), temperature, top_k, top_p, generator)
+            yield next_id
+            tokens.append(next_id)
+            if cache is not None and cache.length < block_size:
+                # Only the new token goes through the model; earlier keys/values are reused.
+                logits, _ = self(torch.tensor([[next_id]], device=device), cache=cache)
+            else:
+                # Past block_size the cache cannot slide: with learned absolute position
+                # embeddings every kept token would move to a new position, so its keys and
+                # values would change. Recompute the last block_size tokens instead.
+                window = torch.tensor([tokens[-block_size:]], device=device)
+                logits, _ = self(window)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling helpers: each takes logits of shape (V,) and returns a filtered copy.
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set all but the k largest logits to -inf (k <= 0 or k >= V keeps all)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth_largest = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of likeliest tokens whose total probability reaches p (nucleus)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p; the top one stays.
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> int:
+    """Choose the next token id from logits of shape (V,)."""
+    if temperature == 0:
+        return int(torch.argmax(logits))  # greedy, checked before any division
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    probs = F.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, num_samples=1, generator=generator))
+
+
+# ----------------------------------------------------------------------------------------------
+# Key/value cache for generation
+
+
+class LayerCache:
+    """Preallocated keys and values of one attention layer: (B, nh, block_size, hs) each."""
+
+    def __init__(
+        self, batch_size: int, config: ModelConfig, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        head_size = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values (B, nh, T, hs); return all stored so far (B, nh, length, hs)."""
+        end = self.length + k.size(2)
+        assert end <= self.keys.size(2), f"cache overflow: {end} > {self.keys.size(2)}"
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """One LayerCache per block, plus how many positions they hold."""
+
+    def __init__(self, model: GPT, batch_size: int) -> None:
+        weight = model.token_embedding.weight
+        self.layers = [
+            LayerCache(batch_size, model.config, weight.device, weight.dtype)
+            for _ in range(model.config.n_layer)
+        ]
+        self.length = 0

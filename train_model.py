@@ -1,0 +1,556 @@
+"""Train the GPT on a text corpus, with periodic evaluation, checkpoints and a loss plot.
+
+    python train_model.py                          # Tiny Shakespeare, the defaults
+    python train_model.py --data my.txt --tokenizer bpe --max_iters 5000
+    python train_model.py --resume                 # continue out/ckpt_last.pth
+    python train_model.py --help                   # every setting, with its default
+
+Writes to out_dir: ckpt_last.pth (latest), ckpt_best.pth (lowest validation loss),
+metrics.jsonl (one line per evaluation), loss.png and config.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
+from data_handling import (
+    Tokenizer,
+    build_tokenizer,
+    encode_corpus,
+    get_batch,
+    read_corpus,
+    resolve_corpus,
+    split_tokens,
+    tokenizer_from_dict,
+    write_atomically,
+)
+from hyperparameters import (
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    UserFacingError,
+    build_parser,
+    parse_configs,
+    print_error,
+)
+from model_architecture import GPT
+
+PROG = "train_model.py"
+
+
+class TrainingDiverged(Exception):
+    """The loss stopped being a finite number."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an unavailable explicit choice is a user error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if requested == "auto":
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if not available[requested]:
+        raise UserFacingError(f"device {requested} is not available here; try --device=cpu")
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The compute dtype for autocast, and the reason it was chosen (printed at start)."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return torch.float32, f"float32 ({device.type})"
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bfloat16 (CUDA with bf16 support)"
+        return torch.float16, "float16 with gradient scaling (CUDA without bf16)"
+    if requested == "float16" and device.type != "cuda":
+        raise UserFacingError("dtype float16 needs a CUDA device; use float32 or bfloat16")
+    return getattr(torch, requested), f"{requested} (requested)"
+
+
+def autocast_context(
+    device: torch.device, dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass, or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays weight matrices and embeddings, but not biases or LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=config.learning_rate,
+        betas=(config.beta1, config.beta2),
+        fused=device.type == "cuda",
+    )
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_lr at max_iters."""
+    if step < config.warmup_iters:
+        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)  # never 0
+    decay_steps = max(1, config.max_iters - config.warmup_iters)
+    progress = min(1.0, (step - config.warmup_iters) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return config.min_lr + cosine * (config.learning_rate - config.min_lr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation steps
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run works with, passed to the step functions."""
+
+    model: GPT
+    compiled: torch.nn.Module  # the model that runs forward passes (maybe torch.compile'd)
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    splits: dict[str, torch.Tensor]
+    tokens_per_char: dict[str, float]
+    batch_generator: torch.Generator
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+    model_config: ModelConfig
+    data_config: DataConfig
+    train_config: TrainConfig
+    tokenizer: Tokenizer
+
+
+def train_step(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns the loss."""
+    config = run.train_config
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate_at(step, config)
+    total_loss = torch.zeros((), device=run.device)
+    for _ in range(config.gradient_accumulation_steps):
+        x, y = get_batch(
+            run.splits["train"],
+            config.batch_size,
+            run.model_config.block_size,
+            run.batch_generator,
+            run.device,
+        )
+        with run.autocast:
+            _, loss = run.compiled(x, y)
+        # Scaling each micro-batch's loss makes the summed gradient equal one big batch's.
+        loss = loss / config.gradient_accumulation_steps
+        run.scaler.scale(loss).backward()
+        total_loss += loss.detach()
+    if config.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total_loss
+
+
+@torch.no_grad()
+def estimate_loss(run: Run) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
+    config = run.train_config
+    run.compiled.eval()
+    losses = {}
+    for name, data in run.splits.items():
+        # A fixed, separate generator: evaluations are comparable and training's data order
+        # is not disturbed.
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        total = 0.0
+        for _ in range(config.eval_iters):
+            x, y = get_batch(
+                data, config.batch_size, run.model_config.block_size, generator, run.device
+            )
+            with run.autocast:
+                _, loss = run.compiled(x, y)
+            total += loss.item()
+        losses[name] = total / config.eval_iters
+    run.compiled.train()
+    return losses
+
+
+def bits_per_char(loss: float, tokens_per_char: float) -> float:
+    """Nats per token to bits per character, comparable across tokenizers."""
+    return loss * tokens_per_char / math.log(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, metrics and the plot
+
+
+def make_checkpoint(run: Run, step: int, best_val_loss: float) -> dict[str, Any]:
+    """A weights_only-safe dict with everything needed to generate from or resume this run."""
+    rng = {"torch": torch.get_rng_state(), "batches": run.batch_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    tokens_per_step = (
+        run.train_config.batch_size
+        * run.train_config.gradient_accumulation_steps
+        * run.model_config.block_size
+    )
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_config": dataclasses.asdict(run.model_config),
+        "data_config": dataclasses.asdict(run.data_config),
+        "train_config": dataclasses.asdict(run.train_config),
+        "tokenizer": run.tokenizer.to_dict(),
+        "model": run.model.state_dict(),  # the raw module: no torch.compile key prefixes
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "step": step,
+        "best_val_loss": best_val_loss,
+        "tokens_seen": step * tokens_per_step,
+        "rng": rng,
+        "torch_version": torch.__version__,
+    }
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    """Draw train and validation loss against step into a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import io
+
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [row["train_loss"] for row in history], label="train")
+    ax.plot(steps, [row["val_loss"] for row in history], label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
+
+
+def read_history(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """Earlier evaluations of a resumed run (dropping any logged after its checkpoint)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["step"] <= up_to_step]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping politely on Ctrl-C
+
+
+class StopRequest:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second quits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (press Ctrl-C again to quit at once)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setting up a run
+
+
+def check_resume_overrides(
+    saved: dict[str, Any], config: Any, explicit: set[str]
+) -> list[str]:
+    """Names of options given on the command line that contradict the resumed run."""
+    return [
+        name
+        for name, value in saved.items()
+        if name in explicit and getattr(config, name, value) != value
+    ]
+
+
+def load_configs_for_resume(
+    checkpoint: dict[str, Any],
+    model_config: ModelConfig,
+    data_config: DataConfig,
+    explicit: set[str],
+) -> tuple[ModelConfig, DataConfig]:
+    """The resumed run's model and data settings; contradicting options are a user error."""
+    saved_model = {k: v for k, v in checkpoint["model_config"].items() if k != "vocab_size"}
+    saved_data = {k: v for k, v in checkpoint["data_config"].items() if k != "data"}
+    conflicts = check_resume_overrides(saved_model, model_config, explicit)
+    conflicts += check_resume_overrides(saved_data, data_config, explicit)
+    if conflicts:
+        raise UserFacingError(
+            f"--resume keeps the saved run's {', '.join(conflicts)}; drop those options or "
+            "start a new run in another --out_dir"
+        )
+    data = data_config.data if "data" in explicit else checkpoint["data_config"]["data"]
+    return (
+        ModelConfig(**checkpoint["model_config"]),
+        DataConfig(**{**checkpoint["data_config"], "data": data}),
+    )
+
+
+def prepare_data(
+    data_config: DataConfig, block_size: int, tokenizer: Tokenizer | None
+) -> tuple[Tokenizer, dict[str, torch.Tensor], dict[str, float]]:
+    """Read, tokenize (cached) and split the corpus; print its facts."""
+    path = resolve_corpus(data_config.data)
+    text = read_corpus(path)
+    tokenizer = tokenizer or build_tokenizer(data_config.tokenizer, text)
+    tokens = encode_corpus(text, tokenizer, Path(data_config.cache_dir))
+    train, val = split_tokens(tokens, data_config.val_fraction, block_size)
+    splits = {"train": train, "val": val}
+    # Characters per split, so losses can be reported per character for any tokenizer.
+    n_train_chars = len(tokenizer.decode(train.tolist()))
+    tokens_per_char = {"train": len(train) / n_train_chars, "val": len(val) / (len(text) - n_train_chars)}
+    print(
+        f"corpus {path}: {len(text):,} characters, {data_config.tokenizer} tokenizer with "
+        f"{tokenizer.vocab_size:,} tokens; {len(train):,} training and {len(val):,} "
+        "validation tokens"
+    )
+    return tokenizer, splits, tokens_per_char
+
+
+def maybe_compile(model: GPT, enabled: bool, example: torch.Tensor) -> torch.nn.Module:
+    """torch.compile the model if asked and if it works here; otherwise say so and run eager."""
+    if not enabled:
+        return model
+    try:
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            compiled(example)  # compilation happens on the first call; fail here, not later
+        return compiled
+    except Exception as err:  # any compiler failure: the eager model still works
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"warning: torch.compile failed ({first_line:.100}); running uncompiled")
+        return model
+
+
+def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, Any]]]:
+    """Parse settings, load or create everything; returns the run, start step, best val loss."""
+    parser = build_parser(__doc__, [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
+    (model_config, data_config, train_config), explicit = parse_configs(
+        parser, [ModelConfig, DataConfig, TrainConfig], argv
+    )
+    out_dir = Path(train_config.out_dir)
+    checkpoint = load_checkpoint(out_dir / "ckpt_last.pth") if train_config.resume else None
+    if checkpoint is not None:
+        model_config, data_config = load_configs_for_resume(
+            checkpoint, model_config, data_config, explicit
+        )
+        if checkpoint["step"] >= train_config.max_iters:
+            raise UserFacingError(
+                f"the saved run already did {checkpoint['step']} steps; raise --max_iters to "
+                "train further"
+            )
+
+    device = resolve_device(train_config.device)
+    dtype, dtype_reason = resolve_dtype(train_config.dtype, device)
+    print(f"device {device}, compute dtype {dtype_reason}")
+    torch.manual_seed(train_config.seed)
+    if device.type == "cuda":
+        # TF32 matmuls are much faster on Ampere+ GPUs and precise enough for training.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    saved_tokenizer = tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None
+    tokenizer, splits, tokens_per_char = prepare_data(
+        data_config, model_config.block_size, saved_tokenizer
+    )
+    if checkpoint is not None:
+        model, _ = model_from_checkpoint(checkpoint, device)
+        model.train()
+    else:
+        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+        model = GPT(model_config).to(device)
+    print(f"model: {model.num_parameters():,} parameters")
+
+    optimizer = make_optimizer(model, train_config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batch_generator = torch.Generator().manual_seed(train_config.seed)
+    start_step, best_val_loss = 0, math.inf
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        batch_generator.set_state(checkpoint["rng"]["batches"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        print(f"resuming from step {start_step} (best validation loss {best_val_loss:.4f})")
+    elif (out_dir / "ckpt_last.pth").exists():
+        print(f"starting a new run: the checkpoints in {out_dir} will be replaced")
+
+    example = splits["train"][: model_config.block_size].unsqueeze(0).to(device)
+    run = Run(
+        model=model,
+        compiled=maybe_compile(model, train_config.compile, example),
+        optimizer=optimizer,
+        scaler=scaler,
+        splits=splits,
+        tokens_per_char=tokens_per_char,
+        batch_generator=batch_generator,
+        device=device,
+        autocast=autocast_context(device, dtype),
+        model_config=model_config,
+        data_config=data_config,
+        train_config=train_config,
+        tokenizer=tokenizer,
+    )
+    history = read_history(out_dir / "metrics.jsonl", start_step) if checkpoint else []
+    return run, start_step, best_val_loss, history
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def evaluate_and_save(
+    run: Run, step: int, best_val_loss: float, history: list[dict[str, Any]], elapsed: float
+) -> float:
+    """Evaluate, log a metrics line, refresh the plot, save checkpoints; returns best val."""
+    out_dir = Path(run.train_config.out_dir)
+    losses = estimate_loss(run)
+    row = {
+        "step": step,
+        "train_loss": losses["train"],
+        "val_loss": losses["val"],
+        "train_bpc": bits_per_char(losses["train"], run.tokens_per_char["train"]),
+        "val_bpc": bits_per_char(losses["val"], run.tokens_per_char["val"]),
+        "lr": learning_rate_at(step, run.train_config),
+        "elapsed_s": round(elapsed, 2),
+    }
+    history.append(row)
+    tqdm.write(
+        f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f} "
+        f"({row['val_bpc']:.3f} bits/char)"
+    )
+    with (out_dir / "metrics.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    plot_losses(history, out_dir / "loss.png")
+    if losses["val"] < best_val_loss:
+        best_val_loss = losses["val"]
+        save_checkpoint(out_dir / "ckpt_best.pth", make_checkpoint(run, step, best_val_loss))
+    save_checkpoint(out_dir / "ckpt_last.pth", make_checkpoint(run, step, best_val_loss))
+    return best_val_loss
+
+
+def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[str, Any]]) -> int:
+    """The training loop; returns the exit status."""
+    config = run.train_config
+    out_dir = Path(config.out_dir)
+    tokens_per_step = config.batch_size * config.gradient_accumulation_steps * run.model_config.block_size
+    bar = tqdm(total=config.max_iters, initial=start_step, desc="training", dynamic_ncols=True)
+    start_time = time.perf_counter()
+    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
+    interval_start, interval_steps = time.perf_counter(), 0
+    step = start_step
+    with StopRequest() as stop:
+        while True:
+            elapsed = elapsed_before + time.perf_counter() - start_time
+            due = step % config.eval_interval == 0 or step == config.max_iters
+            if due and not (history and history[-1]["step"] == step):
+                best_val_loss = evaluate_and_save(run, step, best_val_loss, history, elapsed)
+            if step == config.max_iters:
+                break
+            if stop.requested:
+                save_checkpoint(out_dir / "ckpt_last.pth", make_checkpoint(run, step, best_val_loss))
+                bar.close()
+                print(f"stopped at step {step}; saved {out_dir / 'ckpt_last.pth'}. Continue "
+                      f"with: python {PROG} --resume --out_dir={config.out_dir}", file=sys.stderr)
+                return 130
+            loss = train_step(run, step)
+            step += 1
+            interval_steps += 1
+            bar.update(1)
+            if step % config.log_interval == 0:
+                loss_value = loss.item()  # the only host sync in the loop, every log_interval
+                if not math.isfinite(loss_value):
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"loss became {loss_value} at step {step}; the last good checkpoint "
+                        f"is kept in {out_dir}. Try a lower --learning_rate"
+                    )
+                seconds = time.perf_counter() - interval_start
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    lr=f"{learning_rate_at(step, config):.2e}",
+                    tok_s=f"{interval_steps * tokens_per_step / seconds:,.0f}",
+                )
+                interval_start, interval_steps = time.perf_counter(), 0
+    bar.close()
+    best = min(history, key=lambda r: r["val_loss"])
+    print(
+        f"done in {history[-1]['elapsed_s']:.0f} s: best validation loss {best['val_loss']:.4f} "
+        f"({best['val_bpc']:.3f} bits/char) at step {best['step']}; checkpoints in {out_dir}/. "
+        f"Sample with: python generate_text.py --out_dir={config.out_dir}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train from the command line; returns the exit status."""
+    try:
+        run, start_step, best_val_loss, history = build_run(argv)
+        Path(run.train_config.out_dir).mkdir(parents=True, exist_ok=True)
+        config_dump = {
+            "model": dataclasses.asdict(run.model_config),
+            "data": dataclasses.asdict(run.data_config),
+            "train": dataclasses.asdict(run.train_config),
+        }
+        (Path(run.train_config.out_dir) / "config.json").write_text(json.dumps(config_dump, indent=2))
+        return train(run, start_step, best_val_loss, history)
+    except UserFacingError as err:
+        print_error(PROG, err)
+        return 2
+    except (TrainingDiverged, OSError) as err:  # OSError: e.g. a full disk while saving
+        print_error(PROG, err)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
