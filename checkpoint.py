@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserFacingError(f"checkpoint {path} is empty (0 bytes); {HOW_TO_TRAIN}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # a damaged file can fail inside the unpickler in many ways
         # weights_only refuses any object it does not know, so a malicious file lands here too.
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserFacingError(f"{path} is not a readable checkpoint ({reason:.120})") from None
@@ -80,6 +79,8 @@ def model_from_checkpoint(
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise UserFacingError(f"checkpoint's weights do not fit its model ({first_line})") from None
+        # PyTorch lists every mismatch on its own line after a heading; show the first one.
+        details = str(err).strip().splitlines()
+        first = details[1].strip() if len(details) > 1 else details[0]
+        raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
     return model.to(device).eval(), tokenizer

@@ -19,6 +19,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,14 +55,15 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp_path = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
+            os.fsync(tmp.fileno())  # the bytes are on disk before the name points at them
+        tmp_path.replace(path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp_path.unlink(missing_ok=True)
         raise
 
 
@@ -277,7 +279,7 @@ def _read_token_cache(path: Path, meta: dict[str, str]) -> np.ndarray | None:
         with np.load(path, allow_pickle=False) as archive:
             tokens = archive["tokens"]
             stored = json.loads(str(archive["meta"]))
-    except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
     expected = {**meta, "tokens_sha256": sha256_hex(tokens.tobytes())}
     if tokens.dtype != np.uint16 or stored != expected:

@@ -25,7 +25,7 @@ class UserFacingError(Exception):
     """A problem the user can fix (bad option, missing file...): shown as one line, exit 2."""
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - "help" is argparse's own word
+def setting(default: Any, help: str) -> Any:
     """A dataclass field whose help text is data, so the CLI and the tests can read it."""
     return field(default=default, metadata={"help": help})
 
@@ -36,9 +36,9 @@ class ModelConfig:
 
     n_layer: int = setting(4, "transformer blocks; 2..12")
     n_head: int = setting(4, "attention heads per block; must divide n_embd")
-    n_embd: int = setting(192, "width of the residual stream; 64..768")
+    n_embd: int = setting(128, "width of the residual stream; 64..768")
     block_size: int = setting(128, "context length in tokens; 32..1024")
-    dropout: float = setting(0.1, "dropout probability during training; 0..0.3")
+    dropout: float = setting(0.0, "dropout probability during training; 0..0.3")
     bias: bool = setting(True, "use bias in Linear and LayerNorm layers, as GPT-2 does")
     attention: Literal["sdpa", "manual"] = setting(
         "sdpa", "attention kernel: fused scaled_dot_product_attention, or the manual reference"
@@ -81,10 +81,10 @@ class DataConfig:
 class TrainConfig:
     """How long and how fast to learn, where to write results, on which device."""
 
-    batch_size: int = setting(32, "sequences per micro-batch; 8..64 on a CPU")
+    batch_size: int = setting(16, "sequences per micro-batch; 8..64 on a CPU")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; 1..8")
-    max_iters: int = setting(2500, "optimizer steps in total; 1000..20000")
-    learning_rate: float = setting(2e-3, "peak AdamW step size; 1e-4..3e-3 for small models")
+    max_iters: int = setting(5000, "optimizer steps in total; 1000..20000")
+    learning_rate: float = setting(1e-3, "peak AdamW step size; 1e-4..3e-3 for small models")
     min_lr: float = setting(1e-4, "floor of the cosine decay; about learning_rate / 10")
     warmup_iters: int = setting(100, "steps of linear warmup from near 0 to learning_rate")
     weight_decay: float = setting(0.1, "AdamW decay on weight matrices only; 0..0.2")
@@ -144,7 +144,9 @@ class SampleConfig:
     max_new_tokens: int = setting(500, "tokens to generate per sample; 1..10000")
     temperature: float = setting(0.8, "0 = always the likeliest token; 0.5..1.2 for variety")
     top_k: int = setting(0, "sample only from the k likeliest tokens; 0 disables")
-    top_p: float = setting(1.0, "sample from the smallest set with this much probability; 1 disables")
+    top_p: float = setting(
+        1.0, "sample from the smallest set with this much probability; 1 disables"
+    )
     use_cache: bool = setting(True, "reuse keys/values of earlier tokens (same text, faster)")
 
     def __post_init__(self) -> None:
@@ -182,6 +184,7 @@ class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block) and exit with status 2."""
 
     def error(self, message: str) -> NoReturn:
+        """Print `prog: error: message` and exit 2."""
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -200,7 +203,9 @@ def text_arg(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def _add_field(group: argparse._ArgumentGroup, name: str, hint: Any, default: Any, help: str) -> None:  # noqa: A002
+def _add_field(
+    group: argparse._ArgumentGroup, name: str, hint: Any, default: Any, help: str
+) -> None:
     # default=SUPPRESS keeps untyped options out of the namespace, so we know what was given.
     shown = repr(default) if isinstance(default, str) else default
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help} (default: {shown})"}
@@ -215,9 +220,7 @@ def _add_field(group: argparse._ArgumentGroup, name: str, hint: Any, default: An
     group.add_argument(f"--{name}", **kwargs)
 
 
-def build_parser(
-    description: str, groups: list[tuple[type, list[str] | None]]
-) -> OneLineParser:
+def build_parser(description: str, groups: list[tuple[type, list[str] | None]]) -> OneLineParser:
     """An argument parser with one `--field` option per dataclass field.
 
     Args:

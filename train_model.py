@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import signal
@@ -86,9 +87,7 @@ def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, st
     return getattr(torch, requested), f"{requested} (requested)"
 
 
-def autocast_context(
-    device: torch.device, dtype: torch.dtype
-) -> contextlib.AbstractContextManager:
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass, or nothing for float32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -231,17 +230,16 @@ def make_checkpoint(run: Run, step: int, best_val_loss: float) -> dict[str, Any]
         "best_val_loss": best_val_loss,
         "tokens_seen": step * tokens_per_step,
         "rng": rng,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a plain str: weights_only-safe
     }
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     """Draw train and validation loss against step into a PNG (written atomically)."""
+    # Imported here, not at the top: matplotlib is slow to import and only needed at evals.
     import matplotlib
 
-    matplotlib.use("Agg")  # no display needed
-    import io
-
+    matplotlib.use("Agg")  # draw to a file, no display needed
     import matplotlib.pyplot as plt
 
     steps = [row["step"] for row in history]
@@ -297,9 +295,7 @@ class StopRequest:
 # Setting up a run
 
 
-def check_resume_overrides(
-    saved: dict[str, Any], config: Any, explicit: set[str]
-) -> list[str]:
+def check_resume_overrides(saved: dict[str, Any], config: Any, explicit: set[str]) -> list[str]:
     """Names of options given on the command line that contradict the resumed run."""
     return [
         name
@@ -343,7 +339,10 @@ def prepare_data(
     splits = {"train": train, "val": val}
     # Characters per split, so losses can be reported per character for any tokenizer.
     n_train_chars = len(tokenizer.decode(train.tolist()))
-    tokens_per_char = {"train": len(train) / n_train_chars, "val": len(val) / (len(text) - n_train_chars)}
+    tokens_per_char = {
+        "train": len(train) / n_train_chars,
+        "val": len(val) / (len(text) - n_train_chars),
+    }
     print(
         f"corpus {path}: {len(text):,} characters, {data_config.tokenizer} tokenizer with "
         f"{tokenizer.vocab_size:,} tokens; {len(train):,} training and {len(val):,} "
@@ -480,7 +479,9 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
     """The training loop; returns the exit status."""
     config = run.train_config
     out_dir = Path(config.out_dir)
-    tokens_per_step = config.batch_size * config.gradient_accumulation_steps * run.model_config.block_size
+    tokens_per_step = (
+        config.batch_size * config.gradient_accumulation_steps * run.model_config.block_size
+    )
     bar = tqdm(total=config.max_iters, initial=start_step, desc="training", dynamic_ncols=True)
     start_time = time.perf_counter()
     elapsed_before = history[-1]["elapsed_s"] if history else 0.0
@@ -495,10 +496,15 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
             if step == config.max_iters:
                 break
             if stop.requested:
-                save_checkpoint(out_dir / "ckpt_last.pth", make_checkpoint(run, step, best_val_loss))
+                save_checkpoint(
+                    out_dir / "ckpt_last.pth", make_checkpoint(run, step, best_val_loss)
+                )
                 bar.close()
-                print(f"stopped at step {step}; saved {out_dir / 'ckpt_last.pth'}. Continue "
-                      f"with: python {PROG} --resume --out_dir={config.out_dir}", file=sys.stderr)
+                print(
+                    f"stopped at step {step}; saved {out_dir / 'ckpt_last.pth'}. Continue "
+                    f"with: python {PROG} --resume --out_dir={config.out_dir}",
+                    file=sys.stderr,
+                )
                 return 130
             loss = train_step(run, step)
             step += 1
@@ -539,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
             "data": dataclasses.asdict(run.data_config),
             "train": dataclasses.asdict(run.train_config),
         }
-        (Path(run.train_config.out_dir) / "config.json").write_text(json.dumps(config_dump, indent=2))
+        (Path(run.train_config.out_dir) / "config.json").write_text(
+            json.dumps(config_dump, indent=2)
+        )
         return train(run, start_step, best_val_loss, history)
     except UserFacingError as err:
         print_error(PROG, err)

@@ -1,0 +1,261 @@
+"""Corpus loading, both tokenizers, the token cache, the split and batches.
+
+Run alone: python -m pytest tests/test_data_handling.py
+"""
+
+from __future__ import annotations
+
+import functools
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import data_handling
+from data_handling import (
+    BPETokenizer,
+    CharTokenizer,
+    download_corpus,
+    encode_corpus,
+    get_batch,
+    read_corpus,
+    resolve_corpus,
+    sha256_hex,
+    split_tokens,
+    stream_decode,
+    tokenizer_from_dict,
+)
+from hyperparameters import UserFacingError
+
+
+@functools.cache
+def shared_bpe() -> BPETokenizer:
+    return BPETokenizer()  # building one parses 50k ranks: do it once per test session
+
+
+@pytest.fixture
+def bpe() -> BPETokenizer:
+    return shared_bpe()
+
+
+# ---------------------------------------------------------------------------- corpus
+
+
+def test_resolve_corpus_prefers_explicit_path_then_input_txt(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_corpus("other.txt") == Path("other.txt")
+    (tmp_path / "input.txt").write_text("hello")
+    assert resolve_corpus("") == Path("input.txt")
+
+
+def test_download_is_verified_and_written(tmp_path):
+    source = tmp_path / "remote.txt"
+    source.write_bytes(b"to be or not to be\n")
+    dest = tmp_path / "input.txt"
+    download_corpus(dest, source.as_uri(), sha256_hex(source.read_bytes()))
+    assert dest.read_bytes() == source.read_bytes()
+
+
+def test_download_with_wrong_checksum_writes_nothing(tmp_path):
+    source = tmp_path / "remote.txt"
+    source.write_bytes(b"tampered text\n")
+    dest = tmp_path / "input.txt"
+    with pytest.raises(UserFacingError, match="sha256"):
+        download_corpus(dest, source.as_uri(), "0" * 64)
+    assert not dest.exists()
+
+
+def test_offline_download_names_both_ways_out(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(data_handling.urllib.request, "urlopen", no_network)
+    with pytest.raises(UserFacingError, match=r"--data PATH.*input\.txt") as err:
+        download_corpus(tmp_path / "input.txt")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "input.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        (b"", "is empty"),
+        (b"caf\xe9 latin-1", "not UTF-8"),
+        (b" \n\t \n", "only whitespace"),
+    ],
+)
+def test_unusable_corpora_are_refused(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserFacingError, match=message):
+        read_corpus(path)
+
+
+def test_directory_as_corpus_is_refused(tmp_path):
+    with pytest.raises(UserFacingError, match="is a directory"):
+        read_corpus(tmp_path)
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def test_char_tokenizer_vocabulary_is_sorted_characters():
+    tokenizer = CharTokenizer.from_text("hello world")
+    assert tokenizer.chars == " dehlorw"
+    assert tokenizer.encode("hello") == [3, 2, 4, 4, 5]
+    assert tokenizer.decode(tokenizer.encode("world hello")) == "world hello"
+
+
+def test_char_tokenizer_names_unknown_characters():
+    tokenizer = CharTokenizer.from_text("abc")
+    with pytest.raises(UserFacingError, match=r"'x', 'z'"):
+        tokenizer.encode("abzx")
+
+
+@given(st.text(min_size=1))
+@settings(max_examples=200, deadline=None)
+def test_char_round_trip_over_its_vocabulary(text):
+    tokenizer = CharTokenizer.from_text(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_bpe_gives_gpt2_ids(bpe):
+    assert bpe.encode("Hello world") == [15496, 995]
+    assert bpe.encode(" the") == [262]
+    assert bpe.vocab_size == 50257
+
+
+def test_bpe_treats_end_of_text_as_ordinary_text(bpe):
+    ids = bpe.encode("a<|endoftext|>b")
+    assert 50256 not in ids
+    assert bpe.decode(ids) == "a<|endoftext|>b"
+
+
+@given(st.text())
+@settings(max_examples=200, deadline=None)
+def test_bpe_round_trip_for_any_unicode(text):
+    tokenizer = shared_bpe()
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_bpe_refuses_damaged_ranks_file(tmp_path):
+    damaged = tmp_path / "ranks.tiktoken"
+    damaged.write_bytes(data_handling.GPT2_RANKS_PATH.read_bytes()[:-10])
+    with pytest.raises(UserFacingError, match="damaged"):
+        BPETokenizer(damaged)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_tokenizer_rebuilds_from_its_description(kind, bpe):
+    original = CharTokenizer.from_text("to be or not") if kind == "char" else bpe
+    rebuilt = tokenizer_from_dict(original.to_dict())
+    assert rebuilt.vocab_size == original.vocab_size
+    assert rebuilt.encode("to be") == original.encode("to be")
+
+
+def test_unknown_tokenizer_description_is_refused():
+    with pytest.raises(UserFacingError, match="unknown tokenizer"):
+        tokenizer_from_dict({"kind": "words"})
+
+
+def test_stream_decode_never_splits_a_character(bpe):
+    text = "naïve café 日本語 🎭"
+    pieces = list(stream_decode(bpe, bpe.encode(text)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+# ---------------------------------------------------------------------------- token cache
+
+
+def test_cache_is_reused_without_encoding_again(tmp_path, monkeypatch):
+    text = "some corpus text " * 10
+    tokenizer = CharTokenizer.from_text(text)
+    first = encode_corpus(text, tokenizer, tmp_path)
+    assert len(list(tmp_path.glob("tokens-*.npz"))) == 1
+
+    def fail(_text):
+        raise AssertionError("encoded again despite a valid cache")
+
+    monkeypatch.setattr(tokenizer, "encode", fail)
+    second = encode_corpus(text, tokenizer, tmp_path)
+    assert np.array_equal(first, second)
+    assert second.dtype == np.uint16
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+def test_damaged_or_foreign_cache_is_rebuilt(tmp_path, damage, capsys):
+    text = "some corpus text " * 10
+    tokenizer = CharTokenizer.from_text(text)
+    expected = encode_corpus(text, tokenizer, tmp_path)
+    (cache_file,) = tmp_path.glob("tokens-*.npz")
+    if damage == "truncate":
+        cache_file.write_bytes(cache_file.read_bytes()[:100])
+    elif damage == "garbage":
+        cache_file.write_bytes(b"\x00" * 500)
+    else:  # a valid archive holding another corpus' tokens under this name
+        other = tmp_path / "other"
+        encode_corpus("text some " * 5, tokenizer, other)
+        (other_file,) = other.glob("tokens-*.npz")
+        cache_file.write_bytes(other_file.read_bytes())
+    rebuilt = encode_corpus(text, tokenizer, tmp_path)
+    assert np.array_equal(rebuilt, expected)
+    assert "rebuilding" in capsys.readouterr().out
+
+
+def test_cache_depends_on_the_tokenizer(tmp_path, bpe):
+    text = "to be or not to be " * 10
+    encode_corpus(text, CharTokenizer.from_text(text), tmp_path)
+    encode_corpus(text, bpe, tmp_path)
+    assert len(list(tmp_path.glob("tokens-*.npz"))) == 2
+
+
+# ---------------------------------------------------------------------------- split and batches
+
+
+def test_split_is_first_ninety_percent_then_the_rest():
+    tokens = np.arange(1000, dtype=np.uint16)
+    train, val = split_tokens(tokens, 0.1, block_size=8)
+    assert len(train) == 900
+    assert len(val) == 100
+    assert train[0] == 0
+    assert val[0] == 900
+    assert train.dtype == torch.int64
+
+
+def test_split_too_short_for_block_size_is_refused():
+    with pytest.raises(UserFacingError, match="block_size"):
+        split_tokens(np.arange(100, dtype=np.uint16), 0.1, block_size=16)
+
+
+def test_batches_are_shifted_windows_of_the_data():
+    data = torch.arange(500)
+    x, y = get_batch(data, 8, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert x.shape == y.shape == (8, 16)
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(8, 15, dtype=torch.int64))
+    assert int(x.max()) < 500
+    assert int(y.max()) <= 499
+
+
+def test_batches_are_reproducible_with_the_same_seed():
+    data = torch.arange(500)
+    cpu = torch.device("cpu")
+    a = get_batch(data, 4, 8, torch.Generator().manual_seed(3), cpu)
+    b = get_batch(data, 4, 8, torch.Generator().manual_seed(3), cpu)
+    c = get_batch(data, 4, 8, torch.Generator().manual_seed(4), cpu)
+    assert torch.equal(a[0], b[0])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_last_window_can_be_drawn():
+    data = torch.arange(17)  # exactly one window of 16 + 1
+    x, y = get_batch(data, 2, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(x[0], torch.arange(16))
+    assert torch.equal(y[0], torch.arange(1, 17))

@@ -1,0 +1,158 @@
+"""The real scripts, run as a user would: train, resume, generate, and the error paths.
+
+Each script runs as a subprocess in a temporary folder with a small corpus and a tiny model.
+Run alone: python -m pytest tests/test_end_to_end.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT, SMALL_TEXT
+
+TRAIN = str(PROJECT_ROOT / "train_model.py")
+GENERATE = str(PROJECT_ROOT / "generate_text.py")
+TINY_MODEL = [
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=32",
+    "--batch_size=8",
+    "--eval_iters=2",
+    "--warmup_iters=5",
+    "--learning_rate=3e-3",
+    "--device=cpu",
+]
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A folder where input.txt was trained for 60 steps, then resumed up to 90 steps."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    (workdir / "input.txt").write_text(SMALL_TEXT * 3, encoding="utf-8")
+    first = run_script(TRAIN, *TINY_MODEL, "--max_iters=60", "--eval_interval=30", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    assert "best validation loss" in first.stdout
+    (workdir / "first_metrics.jsonl").write_text((workdir / "out" / "metrics.jsonl").read_text())
+    resumed = run_script(
+        TRAIN, *TINY_MODEL, "--max_iters=90", "--eval_interval=30", "--resume", cwd=workdir
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 60" in resumed.stdout
+    return workdir
+
+
+def logged_steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_training_writes_checkpoints_metrics_and_plot(trained):
+    out = trained / "out"
+    for name in ("ckpt_best.pth", "ckpt_last.pth", "metrics.jsonl", "loss.png", "config.json"):
+        assert (out / name).is_file(), name
+    assert logged_steps(trained / "first_metrics.jsonl") == [0, 30, 60]
+
+
+def test_resume_continues_from_the_latest_checkpoint(trained):
+    assert logged_steps(trained / "out" / "metrics.jsonl") == [0, 30, 60, 90]  # none twice
+    checkpoint = torch.load(trained / "out" / "ckpt_last.pth", weights_only=True)
+    assert checkpoint["step"] == 90
+
+
+def test_generation_is_reproducible_and_needs_only_the_checkpoint(trained, tmp_path):
+    args = ["--prompt=All:", "--max_new_tokens=80", "--seed=3", f"--out_dir={trained / 'out'}"]
+    first = run_script(GENERATE, *args, cwd=tmp_path)  # another folder: no corpus anywhere
+    second = run_script(GENERATE, *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert first.stdout.startswith("All:")
+    assert len(first.stdout) >= len("All:") + 80
+    other_seed = run_script(
+        GENERATE, *args[:-2], "--seed=4", f"--out_dir={trained / 'out'}", cwd=tmp_path
+    )
+    assert other_seed.stdout != first.stdout
+
+
+def test_generation_from_an_explicit_checkpoint_with_several_samples(trained):
+    result = run_script(
+        GENERATE,
+        "--ckpt=out/ckpt_last.pth",
+        "--num_samples=2",
+        "--max_new_tokens=20",
+        "--temperature=0",
+        cwd=trained,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("-" * 40) == 1
+
+
+def test_bpe_model_trains_and_generates(tmp_path):
+    (tmp_path / "text.txt").write_text(SMALL_TEXT, encoding="utf-8")
+    args = [*TINY_MODEL, "--block_size=16", "--tokenizer=bpe", "--data=text.txt"]
+    trained = run_script(TRAIN, *args, "--max_iters=4", "--eval_interval=2", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "50,257 tokens" in trained.stdout
+    result = run_script(GENERATE, "--prompt=Speak, café", "--max_new_tokens=10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Speak, café")
+
+
+def test_prompt_with_unknown_characters_is_named(trained):
+    result = run_script(GENERATE, "--prompt=Zebra ©", cwd=trained)
+    assert_one_line_error(result, "not in the vocabulary", "'©'")
+
+
+def test_missing_checkpoint_says_how_to_train(tmp_path):
+    result = run_script(GENERATE, cwd=tmp_path)
+    assert_one_line_error(result, "not found", "python train_model.py")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--no_such_option=3"], "unrecognized arguments"),
+        (["--n_embd=30", "--n_head=4"], "divisible"),
+        (["--learning_rate=-0.1"], "learning_rate"),
+        (["--block_size=abc"], "invalid int value"),
+        (["--data=missing.txt"], "not found"),
+    ],
+)
+def test_bad_training_options_and_input_give_one_line(tmp_path, args, needle):
+    assert_one_line_error(run_script(TRAIN, *args, cwd=tmp_path), needle)
+
+
+def test_non_utf8_corpus_gives_one_line(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1") * 100)
+    assert_one_line_error(run_script(TRAIN, "--data=latin1.txt", cwd=tmp_path), "not UTF-8")
+
+
+def test_help_explains_every_option(tmp_path):
+    result = run_script(TRAIN, "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for option in ("--n_layer", "--tokenizer", "--resume", "--max_iters", "--data"):
+        assert option in result.stdout
+    result = run_script(GENERATE, "--help", cwd=tmp_path)
+    for option in ("--prompt", "--temperature", "--top_k", "--top_p", "--ckpt", "--seed"):
+        assert option in result.stdout
+    assert "--n_layer" not in result.stdout  # the model's shape comes from the checkpoint

@@ -1,0 +1,100 @@
+"""Sampling: cached and uncached generation agree, the filters keep the right tokens.
+
+Run alone: python -m pytest tests/test_generation.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+from model_architecture import GPT, sample_next, top_k_filter, top_p_filter
+
+
+@pytest.fixture
+def model(tiny_model_config) -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_model_config).eval()
+
+
+def generate(model, prompt, n, seed=0, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    return list(model.generate(prompt, max_new_tokens=n, generator=generator, **kwargs))
+
+
+@pytest.mark.parametrize("attention", ["manual", "sdpa"])
+def test_cached_and_uncached_generation_give_the_same_tokens(tiny_model_config, attention):
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(tiny_model_config, attention=attention)).eval()
+    # 3 prompt tokens + 40 new ones: well past block_size (16), so the window slides.
+    cached = generate(model, [1, 2, 3], 40, temperature=1.0, use_cache=True)
+    uncached = generate(model, [1, 2, 3], 40, temperature=1.0, use_cache=False)
+    assert cached == uncached
+    assert len(cached) == 40
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(model):
+    assert generate(model, [5], 30, seed=1) == generate(model, [5], 30, seed=1)
+    assert generate(model, [5], 30, seed=1) != generate(model, [5], 30, seed=2)
+
+
+def test_temperature_zero_is_greedy(model):
+    tokens = [4, 9]
+    new = generate(model, tokens, 20, temperature=0.0)
+    for token in new:
+        logits, _ = model(torch.tensor([tokens[-16:]]))
+        assert token == int(torch.argmax(logits[0, -1]))
+        tokens.append(token)
+
+
+def test_prompt_longer_than_block_size_is_cropped(model):
+    long_prompt = list(range(40))  # block_size is 16
+    out = generate(model, long_prompt, 5, temperature=0.0)
+    expected = generate(model, long_prompt[-16:], 5, temperature=0.0)
+    assert out == expected
+
+
+def test_generate_streams_one_id_at_a_time(model):
+    stream = model.generate([1], max_new_tokens=3)
+    assert inspect.isgenerator(stream)
+    first = next(stream)
+    assert isinstance(first, int)
+    assert len(list(stream)) == 2
+
+
+def test_top_k_larger_than_vocabulary_and_top_p_one_work(model):
+    assert len(generate(model, [1], 10, top_k=10_000, top_p=1.0)) == 10
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
+    kept = top_k_filter(logits, 2)
+    assert torch.isfinite(kept).tolist() == [False, True, False, True, False]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = top_p_filter(probs.log(), 0.7)
+    assert torch.isfinite(kept).tolist() == [True, True, False, False]
+    kept = top_p_filter(probs.log(), 0.8)  # 0.5 + 0.3 reaches 0.8 exactly
+    assert torch.isfinite(kept).tolist() == [True, True, False, False]
+    kept = top_p_filter(probs.log(), 0.1)  # the likeliest token always stays
+    assert torch.isfinite(kept).tolist() == [True, False, False, False]
+
+
+def test_top_p_handles_unsorted_logits():
+    logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
+    kept = top_p_filter(logits, 0.7)
+    assert torch.isfinite(kept).tolist() == [False, True, False, True]
+    torch.testing.assert_close(kept[1], logits[1])
+
+
+def test_sampling_only_draws_from_the_kept_tokens():
+    logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, 2, 1.0, generator) for _ in range(200)}
+    assert draws == {1, 3}

@@ -1,0 +1,162 @@
+"""Settings: every field documented and reachable from the command line, bad values refused.
+
+Run alone: python -m pytest tests/test_hyperparameters.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from hyperparameters import (
+    CONFIG_CLASSES,
+    NOT_OPTIONS,
+    DataConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    build_parser,
+    parse_configs,
+)
+
+ALL_GROUPS = [(cls, None) for cls in CONFIG_CLASSES]
+
+
+def parse(argv):
+    parser = build_parser("test", ALL_GROUPS)
+    return parse_configs(parser, list(CONFIG_CLASSES), argv)
+
+
+def all_fields():
+    return [f for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)]
+
+
+def test_every_field_has_a_default_and_help_text():
+    for f in all_fields():
+        assert f.default is not dataclasses.MISSING, f.name
+        assert len(f.metadata.get("help", "")) > 10, f"{f.name} lacks help text"
+
+
+def test_field_names_are_unique_across_configs():
+    names = [f.name for f in all_fields()]
+    assert len(names) == len(set(names))
+
+
+def test_nanogpt_names_are_used():
+    names = {f.name for f in all_fields()}
+    expected = {
+        "batch_size",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "dropout",
+        "learning_rate",
+        "max_iters",
+        "eval_interval",
+        "eval_iters",
+        "out_dir",
+        "device",
+        "compile",
+        "seed",
+        "tokenizer",
+        "data",
+        "temperature",
+        "top_k",
+        "top_p",
+        "max_new_tokens",
+        "num_samples",
+    }
+    assert expected <= names
+
+
+def test_defaults_are_valid_and_match_the_dataclasses():
+    configs, given = parse([])
+    assert configs == [cls() for cls in CONFIG_CLASSES]
+    assert given == set()
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    parser = build_parser("test", ALL_GROUPS)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for f in all_fields():
+        if f.name not in NOT_OPTIONS:
+            assert f"--{f.name}" in text
+    assert "(default: 4)" in text
+
+
+@pytest.mark.parametrize(
+    "argv", [["--n_layer=6", "--learning_rate", "3e-4"], ["--n_layer", "6", "--learning_rate=3e-4"]]
+)
+def test_both_option_spellings_override(argv):
+    (model, _, train, _), given = parse(argv)
+    assert model.n_layer == 6
+    assert train.learning_rate == 3e-4
+    assert given == {"n_layer", "learning_rate"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [(["--compile"], True), (["--compile=false"], False), (["--compile", "1"], True)],
+)
+def test_bool_options(argv, expected):
+    (_, _, train, _), _ = parse(argv)
+    assert train.compile is expected
+
+
+def test_choices_and_escaped_newlines():
+    (_, data, _, sample), _ = parse(["--tokenizer=bpe", "--prompt", "ROMEO:\\nO"])
+    assert data.tokenizer == "bpe"
+    assert sample.prompt == "ROMEO:\nO"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--no_such_option=1"], "unrecognized arguments"),
+        (["--n_layer=two"], "invalid int value"),
+        (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
+        (["--learning_rate=-1"], "learning_rate must be > 0"),
+        (["--block_size=0"], "block_size must be >= 1"),
+        (["--tokenizer=words"], "invalid choice"),
+        (["--dropout=1.5"], "dropout must be in [0, 1)"),
+        (["--top_p=0"], "top_p must be in (0, 1]"),
+        (["--vocab_size=10"], "unrecognized arguments"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ValueError, match=r"n_layer must be >= 1.*dropout must be"):
+        ModelConfig(n_layer=0, dropout=2.0)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().max_iters = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (TrainConfig, {"min_lr": 1.0, "learning_rate": 0.1}),
+        (TrainConfig, {"gradient_accumulation_steps": 0}),
+        (DataConfig, {"val_fraction": 1.0}),
+        (SampleConfig, {"temperature": -0.1}),
+        (SampleConfig, {"top_k": -1}),
+    ],
+)
+def test_invalid_combinations_are_refused(cls, kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        cls(**kwargs)

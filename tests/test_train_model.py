@@ -1,0 +1,186 @@
+"""Training: schedule, accumulation, learning, resume, devices.
+
+Run alone: python -m pytest tests/test_train_model.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+import train_model
+from checkpoint import load_checkpoint
+from conftest import tiny_train_argv
+from hyperparameters import TrainConfig, UserFacingError
+from train_model import bits_per_char, build_run, learning_rate_at, resolve_device, train_step
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    assert learning_rate_at(0, config) > 0
+    warmup = [learning_rate_at(s, config) for s in range(11)]
+    assert warmup == sorted(warmup)
+    assert learning_rate_at(10, config) == pytest.approx(1e-3)
+    assert learning_rate_at(60, config) == pytest.approx(0.55e-3)  # halfway down the cosine
+    assert learning_rate_at(110, config) == pytest.approx(1e-4)
+    decay = [learning_rate_at(s, config) for s in range(10, 111)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_learning_rate_without_warmup_starts_at_the_peak():
+    config = TrainConfig(learning_rate=1e-3, warmup_iters=0, max_iters=100)
+    assert learning_rate_at(0, config) == pytest.approx(1e-3)
+
+
+def test_bits_per_char():
+    assert bits_per_char(math.log(2), 1.0) == pytest.approx(1.0)
+    assert bits_per_char(math.log(2), 0.25) == pytest.approx(0.25)  # 4 characters per token
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_corpus, monkeypatch):
+    big_x = torch.randint(0, 20, (8, 16))
+    big_y = torch.randint(0, 20, (8, 16))
+
+    def gradients_after_one_step(batch_size, accumulation):
+        run, _, _, _ = build_run(
+            tiny_train_argv(
+                tmp_path / f"out{accumulation}",
+                tiny_corpus,
+                batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
+                grad_clip=0,
+            )
+        )
+        chunks = iter(zip(big_x.split(batch_size), big_y.split(batch_size), strict=True))
+        monkeypatch.setattr(train_model, "get_batch", lambda *args: next(chunks))
+        captured = {}
+        run.optimizer.step = lambda: captured.update(
+            {n: p.grad.clone() for n, p in run.model.named_parameters()}
+        )
+        train_step(run, 0)
+        return captured
+
+    one_batch = gradients_after_one_step(8, 1)
+    accumulated = gradients_after_one_step(4, 2)
+    for name, grad in one_batch.items():
+        torch.testing.assert_close(accumulated[name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_learnable_corpus_reaches_a_low_loss(tmp_path):
+    # A fixed random string of period 23, repeated: the next character is fully determined by
+    # the few before it, so a working model drives the loss close to zero.
+    rng = random.Random(0)
+    period = "".join(rng.choice("abcdefgh") for _ in range(23))
+    corpus = tmp_path / "pattern.txt"
+    corpus.write_text(period * 200)
+    out_dir = tmp_path / "out"
+    argv = tiny_train_argv(
+        out_dir, corpus, max_iters=200, eval_interval=100, learning_rate=1e-2, min_lr=1e-3
+    )
+    assert train_model.main(argv) == 0
+    final = read_metrics(out_dir)[-1]
+    assert final["step"] == 200
+    assert final["val_loss"] < 0.1
+    assert read_metrics(out_dir)[0]["val_loss"] > 1.5
+
+
+def test_training_writes_checkpoints_metrics_plot_and_config(tmp_path, tiny_corpus):
+    out_dir = tmp_path / "out"
+    assert train_model.main(tiny_train_argv(out_dir, tiny_corpus)) == 0
+    assert [row["step"] for row in read_metrics(out_dir)] == [0, 10, 20]
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out_dir / "config.json").read_text())["model"]["n_layer"] == 2
+    best = load_checkpoint(out_dir / "ckpt_best.pth")
+    last = load_checkpoint(out_dir / "ckpt_last.pth")
+    assert last["step"] == 20
+    assert best["best_val_loss"] == min(row["val_loss"] for row in read_metrics(out_dir))
+
+
+def stop_after(steps: int, monkeypatch) -> None:
+    """Make training receive a real SIGINT right after the given number of steps."""
+    real_step = train_model.train_step
+    calls = {"n": 0}
+
+    def counting_step(run, step):
+        loss = real_step(run, step)
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(train_model, "train_step", counting_step)
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_corpus, monkeypatch):
+    options = {"dropout": 0.1, "eval_interval": 5}  # dropout: the RNG state must resume too
+    straight = tmp_path / "straight"
+    assert train_model.main(tiny_train_argv(straight, tiny_corpus, **options)) == 0
+
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        stop_after(8, patch)
+        assert train_model.main(tiny_train_argv(resumed, tiny_corpus, **options)) == 130
+    assert load_checkpoint(resumed / "ckpt_last.pth")["step"] == 8
+    assert train_model.main([*tiny_train_argv(resumed, tiny_corpus, **options), "--resume"]) == 0
+
+    def losses(out_dir):
+        return [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(out_dir)]
+
+    assert losses(resumed) == losses(straight)
+    weights_a = load_checkpoint(straight / "ckpt_last.pth")["model"]
+    weights_b = load_checkpoint(resumed / "ckpt_last.pth")["model"]
+    for name, tensor in weights_a.items():
+        assert torch.equal(tensor, weights_b[name]), name
+
+
+def test_resume_refuses_a_conflicting_architecture(tmp_path, tiny_corpus, capsys):
+    out_dir = tmp_path / "out"
+    assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=10)) == 0
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20, n_layer=3)
+    assert train_model.main([*argv, "--resume"]) == 2
+    assert "n_layer" in capsys.readouterr().err
+
+
+def test_resume_without_a_checkpoint_says_how_to_start(tmp_path, tiny_corpus, capsys):
+    assert train_model.main([*tiny_train_argv(tmp_path / "empty", tiny_corpus), "--resume"]) == 2
+    assert "python train_model.py" in capsys.readouterr().err
+
+
+def test_compile_falls_back_to_eager_when_it_fails(tmp_path, tiny_corpus, monkeypatch, capsys):
+    def broken_compile(model):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C compiler found")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    argv = tiny_train_argv(tmp_path / "out", tiny_corpus, max_iters=2, compile="true")
+    assert train_model.main(argv) == 0
+    assert "torch.compile failed (no C compiler found)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_user_error():
+    with pytest.raises(UserFacingError, match="not available"):
+        resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in {"cpu", "mps"}
+
+
+def test_corpus_shorter_than_block_size_is_a_one_line_error(tmp_path, capsys):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("too short")
+    assert train_model.main(tiny_train_argv(tmp_path / "out", corpus)) == 2
+    err = capsys.readouterr().err
+    assert "block_size" in err
+    assert len(err.strip().splitlines()) == 1
