@@ -31,7 +31,11 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     """Write atomically: a crash mid-save leaves the previous file intact, never half a file."""
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    write_atomically(path, buffer.getvalue())
+    try:
+        write_atomically(path, buffer.getvalue())
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OSError(f"could not save {path} ({reason}); the previous file is intact") from err
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -119,6 +119,10 @@ def read_corpus(path: Path) -> str:
         ) from err
     if not text.strip():
         raise UserFacingError(f"corpus {path} holds only whitespace")
+    if "\0" in text:
+        raise UserFacingError(f"corpus {path} contains NUL bytes; is it a binary file?")
+    if len(set(text)) < 2:
+        raise UserFacingError(f"corpus {path} repeats a single character: nothing to learn")
     return text
 
 

@@ -10,13 +10,14 @@ checkpoint, prompt, settings and seed always give the same text.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from data_handling import stream_decode
+from data_handling import Tokenizer, stream_decode
 from hyperparameters import (
     SampleConfig,
     TrainConfig,
@@ -25,6 +26,7 @@ from hyperparameters import (
     parse_configs,
     print_error,
 )
+from model_architecture import GPT
 from train_model import resolve_device
 
 PROG = "generate_text.py"
@@ -52,6 +54,29 @@ def checkpoint_path(sample_config: SampleConfig, train_config: TrainConfig) -> P
     return Path(train_config.out_dir) / "ckpt_best.pth"
 
 
+def write_sample(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    config: SampleConfig,
+    generator: torch.Generator,
+) -> None:
+    """Write the prompt, then each new piece of text as soon as it is generated."""
+    sys.stdout.write(tokenizer.decode(prompt_ids))
+    new_ids = model.generate(
+        prompt_ids,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        generator=generator,
+        use_cache=config.use_cache,
+    )
+    for piece in stream_decode(tokenizer, new_ids):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Generate from the command line; returns the exit status."""
     parser = build_parser(
@@ -67,23 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         print_error(PROG, err)
         return 2
     generator = torch.Generator(device=device).manual_seed(train_config.seed)
-    for sample in range(sample_config.num_samples):
-        if sample > 0:
-            sys.stdout.write(SAMPLE_SEPARATOR)
-        sys.stdout.write(tokenizer.decode(prompt_ids))
-        new_ids = model.generate(
-            prompt_ids,
-            max_new_tokens=sample_config.max_new_tokens,
-            temperature=sample_config.temperature,
-            top_k=sample_config.top_k,
-            top_p=sample_config.top_p,
-            generator=generator,
-            use_cache=sample_config.use_cache,
-        )
-        for piece in stream_decode(tokenizer, new_ids):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
+    try:
+        for sample in range(sample_config.num_samples):
+            if sample > 0:
+                sys.stdout.write(SAMPLE_SEPARATOR)
+            write_sample(model, tokenizer, prompt_ids, sample_config, generator)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`, which stopped reading: not an error
+        # Point stdout at /dev/null so Python's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

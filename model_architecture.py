@@ -32,17 +32,22 @@ from hyperparameters import ModelConfig
 # a query may look at a key. Both return (B, nh, Tq, hs).
 
 
-def causal_attention_manual(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs), causally masked) v, one line per step (the reference)."""
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How much each query attends to each key: causally masked softmax(q k^T / sqrt(hs))."""
     scores = q @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
     # Dividing by sqrt(hs) keeps the scores' variance near 1, so softmax does not saturate.
     scores = scores / math.sqrt(k.size(-1))  # (B, nh, Tq, Tk)
     scores = scores.masked_fill(~mask, float("-inf"))  # no looking at the future
-    attn_weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk), each row sums to 1
-    attn_weights = F.dropout(attn_weights, p=dropout_p, training=dropout_p > 0)
-    return attn_weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
+    return F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk), each row sums to 1
+
+
+def causal_attention_manual(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """The reference: attention weights, dropout, then the weighted sum of the values."""
+    weights = attention_weights(q, k, mask)  # (B, nh, Tq, Tk)
+    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+    return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
 
 
 def causal_attention_sdpa(
@@ -80,13 +85,19 @@ class CausalSelfAttention(nn.Module):
         mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C). With a cache, x holds only the new positions."""
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values for every head: (B, T, C) -> 3 x (B, nh, T, hs)."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With a cache, x holds only the new positions."""
+        B, T, C = x.shape
+        q, k, v = self.split_heads(x)  # 3 x (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, Tk, hs): all positions so far
         Tk = k.size(2)
@@ -96,6 +107,12 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge heads: (B, T, nh * hs)
         return self.residual_dropout(self.out_proj(y))  # (B, T, C)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights themselves, for looking inside: (B, T, C) -> (B, nh, T, T)."""
+        q, k, _ = self.split_heads(x)
+        T = x.size(1)
+        return attention_weights(q, k, self.causal_mask[:T, :T])
 
 
 class FeedForward(nn.Module):
@@ -173,6 +190,12 @@ class GPT(nn.Module):
         """Number of trainable parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """What each token is plus where it is: (B, T) ids at positions start.. -> (B, T, C)."""
+        positions = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+        x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
+        return self.embedding_dropout(x)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -194,9 +217,7 @@ class GPT(nn.Module):
         assert start + T <= self.config.block_size, (
             f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
         )
-        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
-        x = self.embedding_dropout(x)
+        x = self.embed(idx, start)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cache.layers[i] if cache is not None else None)  # (B, T, C)
         if cache is not None:
@@ -206,6 +227,24 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
+
+    @torch.inference_mode()
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Attention weights of every layer and head for one sequence.
+
+        Args:
+            idx: token ids, (1, T) with T <= block_size.
+
+        Returns:
+            (n_layer, nh, T, T): row t of a map shows how position t spreads its attention
+            over positions 0..t.
+        """
+        x = self.embed(idx)  # (1, T, C)
+        maps = []
+        for block in self.blocks:
+            maps.append(block.attn.weights(block.norm_1(x))[0])  # (nh, T, T)
+            x = block(x)
+        return torch.stack(maps)
 
     @torch.inference_mode()
     def generate(

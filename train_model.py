@@ -451,6 +451,11 @@ def evaluate_and_save(
     """Evaluate, log a metrics line, refresh the plot, save checkpoints; returns best val."""
     out_dir = Path(run.train_config.out_dir)
     losses = estimate_loss(run)
+    if not all(math.isfinite(loss) for loss in losses.values()):
+        raise TrainingDiverged(
+            f"loss became {losses['train']} by step {step}; the checkpoints in {out_dir} are "
+            "from the last good evaluation. Try a lower --learning_rate"
+        )
     row = {
         "step": step,
         "train_loss": losses["train"],
@@ -465,8 +470,8 @@ def evaluate_and_save(
         f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f} "
         f"({row['val_bpc']:.3f} bits/char)"
     )
-    with (out_dir / "metrics.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
+    metrics = "".join(json.dumps(r) + "\n" for r in history)
+    write_atomically(out_dir / "metrics.jsonl", metrics.encode("utf-8"))
     plot_losses(history, out_dir / "loss.png")
     if losses["val"] < best_val_loss:
         best_val_loss = losses["val"]
@@ -482,7 +487,13 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
     tokens_per_step = (
         config.batch_size * config.gradient_accumulation_steps * run.model_config.block_size
     )
-    bar = tqdm(total=config.max_iters, initial=start_step, desc="training", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.max_iters,
+        initial=start_step,
+        desc="training",
+        dynamic_ncols=True,
+        file=sys.stdout,  # progress is output; stderr stays for warnings and errors
+    )
     start_time = time.perf_counter()
     elapsed_before = history[-1]["elapsed_s"] if history else 0.0
     interval_start, interval_steps = time.perf_counter(), 0
@@ -515,8 +526,9 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
                 if not math.isfinite(loss_value):
                     bar.close()
                     raise TrainingDiverged(
-                        f"loss became {loss_value} at step {step}; the last good checkpoint "
-                        f"is kept in {out_dir}. Try a lower --learning_rate"
+                        f"loss became {loss_value} by step {step}; the checkpoints in "
+                        f"{out_dir} are from the last good evaluation. Try a lower "
+                        "--learning_rate"
                     )
                 seconds = time.perf_counter() - interval_start
                 bar.set_postfix(
@@ -535,19 +547,25 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
     return 0
 
 
+def prepare_out_dir(run: Run) -> None:
+    """Create out_dir, clear temporary files a killed run left, and record the settings."""
+    out_dir = Path(run.train_config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".*.tmp"):  # from write_atomically, cut short by a kill
+        leftover.unlink()
+    settings = {
+        "model": dataclasses.asdict(run.model_config),
+        "data": dataclasses.asdict(run.data_config),
+        "train": dataclasses.asdict(run.train_config),
+    }
+    write_atomically(out_dir / "config.json", json.dumps(settings, indent=2).encode("utf-8"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line; returns the exit status."""
     try:
         run, start_step, best_val_loss, history = build_run(argv)
-        Path(run.train_config.out_dir).mkdir(parents=True, exist_ok=True)
-        config_dump = {
-            "model": dataclasses.asdict(run.model_config),
-            "data": dataclasses.asdict(run.data_config),
-            "train": dataclasses.asdict(run.train_config),
-        }
-        (Path(run.train_config.out_dir) / "config.json").write_text(
-            json.dumps(config_dump, indent=2)
-        )
+        prepare_out_dir(run)
         return train(run, start_step, best_val_loss, history)
     except UserFacingError as err:
         print_error(PROG, err)

@@ -133,3 +133,25 @@ def test_too_long_input_is_an_internal_error(tiny_model_config):
     model = build(tiny_model_config)
     with pytest.raises(AssertionError, match="exceeds block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_attention_maps_are_causal_distributions(tiny_model_config):
+    model = build(tiny_model_config).eval()
+    maps = model.attention_maps(torch.randint(0, 40, (1, 10)))
+    assert maps.shape == (2, 2, 10, 10)  # (n_layer, nh, T, T)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 10))
+    assert torch.count_nonzero(maps.triu(diagonal=1)) == 0
+
+
+def test_attention_maps_are_the_weights_the_forward_pass_uses(tiny_model_config):
+    model = build(tiny_model_config, attention="manual").eval()
+    idx = torch.randint(0, 40, (1, 10))
+    maps = model.attention_maps(idx)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        x = model.blocks[0].norm_1(model.embed(idx))
+        _, _, v = attn.split_heads(x)
+    with torch.no_grad():
+        mixed = maps[0].unsqueeze(0) @ v  # (1, nh, T, hs)
+        expected = attn.out_proj(mixed.transpose(1, 2).reshape(1, 10, -1))
+        torch.testing.assert_close(attn(x), expected, atol=1e-6, rtol=0)

@@ -1,0 +1,203 @@
+"""Faults injected into real training runs: kills, Ctrl-C, divergence, a failing disk.
+
+The kill and Ctrl-C tests run train_model.py as a subprocess and send it real signals.
+Run alone: python -m pytest tests/test_reliability.py
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data_handling
+import train_model
+from checkpoint import load_checkpoint
+from conftest import PROJECT_ROOT, SMALL_TEXT, tiny_train_argv
+
+TRAIN = str(PROJECT_ROOT / "train_model.py")
+
+
+def big_run_argv(workdir: Path, **overrides: object) -> list[str]:
+    # A model with about 10 MB of checkpoint (weights + AdamW state) that evaluates and saves
+    # every other step, so a good share of its time is spent inside a save.
+    options: dict[str, object] = {
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 128,
+        "block_size": 32,
+        "batch_size": 4,
+        "eval_interval": 2,
+        "eval_iters": 1,
+        "max_iters": 100_000,
+    }
+    options.update(overrides)
+    return tiny_train_argv(workdir / "out", workdir / "corpus.txt", **options)
+
+
+def start_training(workdir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, TRAIN, *big_run_argv(workdir), *extra],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, timeout: float = 60.0, interval: float = 0.001) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    (tmp_path / "corpus.txt").write_text(SMALL_TEXT * 3, encoding="utf-8")
+    return tmp_path
+
+
+def temporary_checkpoints(out_dir: Path) -> set[Path]:
+    return set(out_dir.glob(".ckpt_last.pth.*.tmp"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_twenty_moments_never_breaks_the_latest_checkpoint(workdir):
+    out_dir = workdir / "out"
+    latest = out_dir / "ckpt_last.pth"
+    steps = []
+    during_save = 0
+    for kill in range(20):
+        left_before = temporary_checkpoints(out_dir)  # by earlier kills; cleared at start
+        process = start_training(workdir, *(["--resume"] if latest.exists() else []))
+        if kill == 0:
+            # The first kill lands right after the first checkpoint is complete.
+            wait_for(lambda p=process: latest.exists() or p.poll() is not None)
+        elif kill % 2 == 0:
+            # Even kills aim inside a save: right after a new temporary file appears.
+            wait_for(
+                lambda p=process, old=left_before: (
+                    bool(temporary_checkpoints(out_dir) - old) or p.poll() is not None
+                )
+            )
+        else:
+            # Odd kills land at other moments, 0.8 to 6 s after the start: loading, the
+            # first evaluation, training steps.
+            time.sleep(0.5 + 0.3 * kill)
+        process.kill()  # SIGKILL: no handler runs, nothing is cleaned up
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, process.stderr.read()
+        # A temporary file that outlived the process proves the kill cut a save short.
+        during_save += bool(temporary_checkpoints(out_dir) - left_before)
+        steps.append(load_checkpoint(latest)["step"])  # loads: never a partial file
+    print(f"checkpoint step after each kill: {steps}; kills inside a save: {during_save}")
+    assert during_save >= 5
+    assert steps == sorted(steps)  # each resumed run carried on from the last one
+    assert steps[-1] > steps[0]
+    finish = subprocess.run(
+        [sys.executable, TRAIN, *big_run_argv(workdir, max_iters=steps[-1] + 4), "--resume"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finish.returncode == 0, finish.stderr
+    assert load_checkpoint(latest)["step"] == steps[-1] + 4
+    assert not list(out_dir.glob(".*.tmp"))  # the leftovers of killed saves were cleared
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_and_says_how_to_resume(workdir, sig):
+    out_dir = workdir / "out"
+    process = start_training(workdir)
+    wait_for(lambda: (out_dir / "ckpt_last.pth").exists(), interval=0.05)
+    time.sleep(0.5)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert "--resume" in stderr
+    step = load_checkpoint(out_dir / "ckpt_last.pth")["step"]
+    assert f"stopped at step {step}" in stderr
+
+
+def test_second_ctrl_c_quits_at_once(workdir):
+    out_dir = workdir / "out"
+    process = start_training(workdir)
+    wait_for(lambda: (out_dir / "ckpt_last.pth").exists(), interval=0.05)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    load_checkpoint(out_dir / "ckpt_last.pth")
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_corpus, monkeypatch, capsys
+):
+    real_step = train_model.train_step
+
+    def step_that_blows_up(run, step):
+        loss = real_step(run, step)
+        if step == 12:  # what a too-high learning rate does, in one step
+            with torch.no_grad():
+                run.model.blocks[0].mlp.fc_in.weight.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(train_model, "train_step", step_that_blows_up)
+    out_dir = tmp_path / "out"
+    argv = tiny_train_argv(out_dir, tiny_corpus, eval_interval=5, log_interval=10)
+    assert train_model.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "by step 15" in err
+    assert len(err.strip().splitlines()) == 1
+    checkpoint = load_checkpoint(out_dir / "ckpt_last.pth")
+    assert checkpoint["step"] == 10
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def test_full_disk_while_saving_is_reported_and_keeps_the_previous_checkpoint(
+    tmp_path, tiny_corpus, monkeypatch, capsys
+):
+    out_dir = tmp_path / "out"
+    assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=10)) == 0
+    before = (out_dir / "ckpt_last.pth").read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_handling.os, "fsync", disk_full)
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)
+    assert train_model.main([*argv, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (out_dir / "ckpt_last.pth").read_bytes() == before
+    assert not list(out_dir.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"abc\x00def" * 100, "NUL bytes"), (b"a" * 1000, "single character")],
+)
+def test_degenerate_corpora_are_refused(tmp_path, content, message, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(content)
+    assert train_model.main(tiny_train_argv(tmp_path / "out", corpus)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_with_another_tokenizer_is_refused(tmp_path, tiny_corpus, capsys):
+    out_dir = tmp_path / "out"
+    assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=5)) == 0
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, tokenizer="bpe")
+    assert train_model.main([*argv, "--resume"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
