@@ -55,6 +55,12 @@ PROG = "train_model.py"
 class TrainingDiverged(Exception):
     """The loss stopped being a finite number."""
 
+    def __init__(self, loss: float, step: int, out_dir: Path) -> None:
+        super().__init__(
+            f"loss became {loss} by step {step}; the checkpoints in {out_dir} are from the "
+            "last good evaluation. Try a lower --learning_rate"
+        )
+
 
 # ----------------------------------------------------------------------------------------------
 # Device and precision
@@ -366,6 +372,21 @@ def maybe_compile(model: GPT, enabled: bool, example: torch.Tensor) -> torch.nn.
         return model
 
 
+def restore_training_state(
+    checkpoint: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch_generator: torch.Generator,
+) -> None:
+    """Put the optimizer and every random number generator back where the run left them."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    batch_generator.set_state(checkpoint["rng"]["batches"])  # the same batches follow
+    torch.set_rng_state(checkpoint["rng"]["torch"])  # the same dropout masks follow
+    if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+
+
 def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, Any]]]:
     """Parse settings, load or create everything; returns the run, start step, best val loss."""
     parser = build_parser(__doc__, [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
@@ -410,12 +431,7 @@ def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, A
     batch_generator = torch.Generator().manual_seed(train_config.seed)
     start_step, best_val_loss = 0, math.inf
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        batch_generator.set_state(checkpoint["rng"]["batches"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        restore_training_state(checkpoint, optimizer, scaler, batch_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
         print(f"resuming from step {start_step} (best validation loss {best_val_loss:.4f})")
     elif (out_dir / "ckpt_last.pth").exists():
@@ -452,10 +468,7 @@ def evaluate_and_save(
     out_dir = Path(run.train_config.out_dir)
     losses = estimate_loss(run)
     if not all(math.isfinite(loss) for loss in losses.values()):
-        raise TrainingDiverged(
-            f"loss became {losses['train']} by step {step}; the checkpoints in {out_dir} are "
-            "from the last good evaluation. Try a lower --learning_rate"
-        )
+        raise TrainingDiverged(losses["train"], step, out_dir)
     row = {
         "step": step,
         "train_loss": losses["train"],
@@ -478,6 +491,18 @@ def evaluate_and_save(
         save_checkpoint(out_dir / "ckpt_best.pth", make_checkpoint(run, step, best_val_loss))
     save_checkpoint(out_dir / "ckpt_last.pth", make_checkpoint(run, step, best_val_loss))
     return best_val_loss
+
+
+def save_and_stop(run: Run, step: int, best_val_loss: float) -> int:
+    """Save the latest checkpoint after a Ctrl-C, say how to continue; returns the status."""
+    path = Path(run.train_config.out_dir) / "ckpt_last.pth"
+    save_checkpoint(path, make_checkpoint(run, step, best_val_loss))
+    print(
+        f"stopped at step {step}; saved {path}. Continue with: python {PROG} --resume "
+        f"--out_dir={run.train_config.out_dir}",
+        file=sys.stderr,
+    )
+    return 130
 
 
 def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[str, Any]]) -> int:
@@ -507,16 +532,8 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
             if step == config.max_iters:
                 break
             if stop.requested:
-                save_checkpoint(
-                    out_dir / "ckpt_last.pth", make_checkpoint(run, step, best_val_loss)
-                )
                 bar.close()
-                print(
-                    f"stopped at step {step}; saved {out_dir / 'ckpt_last.pth'}. Continue "
-                    f"with: python {PROG} --resume --out_dir={config.out_dir}",
-                    file=sys.stderr,
-                )
-                return 130
+                return save_and_stop(run, step, best_val_loss)
             loss = train_step(run, step)
             step += 1
             interval_steps += 1
@@ -525,11 +542,7 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
                 loss_value = loss.item()  # the only host sync in the loop, every log_interval
                 if not math.isfinite(loss_value):
                     bar.close()
-                    raise TrainingDiverged(
-                        f"loss became {loss_value} by step {step}; the checkpoints in "
-                        f"{out_dir} are from the last good evaluation. Try a lower "
-                        "--learning_rate"
-                    )
+                    raise TrainingDiverged(loss_value, step, out_dir)
                 seconds = time.perf_counter() - interval_start
                 bar.set_postfix(
                     loss=f"{loss_value:.4f}",
