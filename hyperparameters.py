@@ -243,12 +243,13 @@ def build_parser(description: str, groups: list[tuple[type, list[str] | None]]) 
 
 def parse_configs(
     parser: OneLineParser, config_classes: list[type], argv: list[str] | None = None
-) -> tuple[list[Any], set[str]]:
+) -> tuple[list[Any], dict[str, Any]]:
     """Parse the command line into one validated instance per config class.
 
     Returns:
-        The configs, in the order of `config_classes`, and the set of option names the user
-        gave explicitly (so a resumed run can tell a deliberate override from a default).
+        The configs, in the order of `config_classes`, and the options the user gave
+        explicitly (so a resumed run can tell a deliberate override from a default), plus any
+        options the parser has beyond the dataclass fields.
     """
     given = vars(parser.parse_args(argv))
     configs = []
@@ -258,7 +259,7 @@ def parse_configs(
             configs.append(config_class(**{k: v for k, v in given.items() if k in names}))
         except ValueError as err:
             parser.error(str(err))
-    return configs, set(given)
+    return configs, given
 
 
 def print_error(prog: str, err: BaseException) -> None:

@@ -235,6 +235,7 @@ def make_checkpoint(run: Run, step: int, best_val_loss: float) -> dict[str, Any]
         "step": step,
         "best_val_loss": best_val_loss,
         "tokens_seen": step * tokens_per_step,
+        "tokens_per_char": run.tokens_per_char,  # turns losses into bits per character
         "rng": rng,
         "torch_version": str(torch.__version__),  # a plain str: weights_only-safe
     }
@@ -390,14 +391,14 @@ def restore_training_state(
 def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, Any]]]:
     """Parse settings, load or create everything; returns the run, start step, best val loss."""
     parser = build_parser(__doc__, [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
-    (model_config, data_config, train_config), explicit = parse_configs(
+    (model_config, data_config, train_config), given = parse_configs(
         parser, [ModelConfig, DataConfig, TrainConfig], argv
     )
     out_dir = Path(train_config.out_dir)
     checkpoint = load_checkpoint(out_dir / "ckpt_last.pth") if train_config.resume else None
     if checkpoint is not None:
         model_config, data_config = load_configs_for_resume(
-            checkpoint, model_config, data_config, explicit
+            checkpoint, model_config, data_config, set(given)
         )
         if checkpoint["step"] >= train_config.max_iters:
             raise UserFacingError(
