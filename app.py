@@ -26,6 +26,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from data_handling import CharTokenizer, Tokenizer, stream_decode
+from devices import resolve_device
 from hyperparameters import (
     SampleConfig,
     TrainConfig,
@@ -35,7 +36,6 @@ from hyperparameters import (
     print_error,
 )
 from model_architecture import GPT
-from train_model import resolve_device
 
 PROG = "app.py"
 MAX_PROMPT_CHARS = 2000  # longer prompts keep their end: the model sees block_size at most

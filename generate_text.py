@@ -18,6 +18,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from data_handling import Tokenizer, stream_decode
+from devices import resolve_device
 from hyperparameters import (
     SampleConfig,
     TrainConfig,
@@ -27,7 +28,6 @@ from hyperparameters import (
     print_error,
 )
 from model_architecture import GPT
-from train_model import resolve_device
 
 PROG = "generate_text.py"
 SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"

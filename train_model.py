@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -37,6 +39,14 @@ from data_handling import (
     split_tokens,
     tokenizer_from_dict,
     write_atomically,
+)
+from devices import (
+    Distributed,
+    any_process,
+    autocast_context,
+    init_distributed,
+    resolve_dtype,
+    shutdown_distributed,
 )
 from hyperparameters import (
     DataConfig,
@@ -60,44 +70,6 @@ class TrainingDiverged(Exception):
             f"loss became {loss} by step {step}; the checkpoints in {out_dir} are from the "
             "last good evaluation. Try a lower --learning_rate"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# Device and precision
-
-
-def resolve_device(requested: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an unavailable explicit choice is a user error."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if requested == "auto":
-        return torch.device(next(name for name, ok in available.items() if ok))
-    if not available[requested]:
-        raise UserFacingError(f"device {requested} is not available here; try --device=cpu")
-    return torch.device(requested)
-
-
-def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """The compute dtype for autocast, and the reason it was chosen (printed at start)."""
-    if requested == "auto":
-        if device.type != "cuda":
-            return torch.float32, f"float32 ({device.type})"
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "bfloat16 (CUDA with bf16 support)"
-        return torch.float16, "float16 with gradient scaling (CUDA without bf16)"
-    if requested == "float16" and device.type != "cuda":
-        raise UserFacingError("dtype float16 needs a CUDA device; use float32 or bfloat16")
-    return getattr(torch, requested), f"{requested} (requested)"
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass, or nothing for float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +110,7 @@ class Run:
     """Everything one training run works with, passed to the step functions."""
 
     model: GPT
-    compiled: torch.nn.Module  # the model that runs forward passes (maybe torch.compile'd)
+    compiled: torch.nn.Module  # what runs forward passes: maybe torch.compile'd, maybe DDP
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler
     splits: dict[str, torch.Tensor]
@@ -150,6 +122,15 @@ class Run:
     data_config: DataConfig
     train_config: TrainConfig
     tokenizer: Tokenizer
+    distributed: Distributed
+
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step learns from, over all processes."""
+        config = self.train_config
+        sequences = (
+            config.batch_size * config.gradient_accumulation_steps * self.distributed.world_size
+        )
+        return sequences * self.model_config.block_size
 
 
 def train_step(run: Run, step: int) -> torch.Tensor:
@@ -158,7 +139,10 @@ def train_step(run: Run, step: int) -> torch.Tensor:
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate_at(step, config)
     total_loss = torch.zeros((), device=run.device)
-    for _ in range(config.gradient_accumulation_steps):
+    for micro_step in range(config.gradient_accumulation_steps):
+        # Across processes, gradients are averaged once per step, after the last micro-batch.
+        last = micro_step == config.gradient_accumulation_steps - 1
+        skip_sync = run.distributed.enabled and not last
         x, y = get_batch(
             run.splits["train"],
             config.batch_size,
@@ -166,11 +150,12 @@ def train_step(run: Run, step: int) -> torch.Tensor:
             run.batch_generator,
             run.device,
         )
-        with run.autocast:
-            _, loss = run.compiled(x, y)
-        # Scaling each micro-batch's loss makes the summed gradient equal one big batch's.
-        loss = loss / config.gradient_accumulation_steps
-        run.scaler.scale(loss).backward()
+        with run.compiled.no_sync() if skip_sync else contextlib.nullcontext():
+            with run.autocast:
+                _, loss = run.compiled(x, y)
+            # Scaling each micro-batch's loss makes the summed gradient equal one big batch's.
+            loss = loss / config.gradient_accumulation_steps
+            run.scaler.scale(loss).backward()
         total_loss += loss.detach()
     if config.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
@@ -218,11 +203,6 @@ def make_checkpoint(run: Run, step: int, best_val_loss: float) -> dict[str, Any]
     rng = {"torch": torch.get_rng_state(), "batches": run.batch_generator.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    tokens_per_step = (
-        run.train_config.batch_size
-        * run.train_config.gradient_accumulation_steps
-        * run.model_config.block_size
-    )
     return {
         "format_version": FORMAT_VERSION,
         "model_config": dataclasses.asdict(run.model_config),
@@ -234,7 +214,7 @@ def make_checkpoint(run: Run, step: int, best_val_loss: float) -> dict[str, Any]
         "scaler": run.scaler.state_dict(),
         "step": step,
         "best_val_loss": best_val_loss,
-        "tokens_seen": step * tokens_per_step,
+        "tokens_seen": step * run.tokens_per_step(),
         "tokens_per_char": run.tokens_per_char,  # turns losses into bits per character
         "rng": rng,
         "torch_version": str(torch.__version__),  # a plain str: weights_only-safe
@@ -406,7 +386,7 @@ def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, A
                 "train further"
             )
 
-    device = resolve_device(train_config.device)
+    distributed, device = init_distributed(train_config.device)
     dtype, dtype_reason = resolve_dtype(train_config.dtype, device)
     print(f"device {device}, compute dtype {dtype_reason}")
     torch.manual_seed(train_config.seed)
@@ -429,19 +409,42 @@ def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, A
 
     optimizer = make_optimizer(model, train_config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    batch_generator = torch.Generator().manual_seed(train_config.seed)
+    # Each process draws its own batches and dropout masks; process 0 is a plain run's twin.
+    batch_generator = torch.Generator().manual_seed(train_config.seed + distributed.rank)
+    torch.manual_seed(train_config.seed + distributed.rank)
     start_step, best_val_loss = 0, math.inf
     if checkpoint is not None:
         restore_training_state(checkpoint, optimizer, scaler, batch_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        if distributed.rank > 0:
+            # The checkpoint holds process 0's random state; the others start fresh streams.
+            batch_generator.manual_seed(train_config.seed + distributed.rank + start_step)
+            torch.manual_seed(train_config.seed + distributed.rank + start_step)
         print(f"resuming from step {start_step} (best validation loss {best_val_loss:.4f})")
     elif (out_dir / "ckpt_last.pth").exists():
         print(f"starting a new run: the checkpoints in {out_dir} will be replaced")
 
     example = splits["train"][: model_config.block_size].unsqueeze(0).to(device)
+    compiled = maybe_compile(model, train_config.compile, example)
+    if distributed.enabled:
+        # broadcast_buffers=False: the only buffer is the constant causal mask, and without
+        # buffer syncing a forward pass needs no other process (process 0 evaluates alone).
+        compiled = DistributedDataParallel(
+            compiled,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    global_batch = (
+        train_config.batch_size * train_config.gradient_accumulation_steps * distributed.world_size
+    )
+    print(
+        f"global batch: {train_config.batch_size} x {train_config.gradient_accumulation_steps} "
+        f"accumulation x {distributed.world_size} processes = {global_batch} sequences of "
+        f"{model_config.block_size} tokens"
+    )
     run = Run(
         model=model,
-        compiled=maybe_compile(model, train_config.compile, example),
+        compiled=compiled,
         optimizer=optimizer,
         scaler=scaler,
         splits=splits,
@@ -453,6 +456,7 @@ def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, A
         data_config=data_config,
         train_config=train_config,
         tokenizer=tokenizer,
+        distributed=distributed,
     )
     history = read_history(out_dir / "metrics.jsonl", start_step) if checkpoint else []
     return run, start_step, best_val_loss, history
@@ -496,6 +500,8 @@ def evaluate_and_save(
 
 def save_and_stop(run: Run, step: int, best_val_loss: float) -> int:
     """Save the latest checkpoint after a Ctrl-C, say how to continue; returns the status."""
+    if not run.distributed.is_main:
+        return 130
     path = Path(run.train_config.out_dir) / "ckpt_last.pth"
     save_checkpoint(path, make_checkpoint(run, step, best_val_loss))
     print(
@@ -510,9 +516,6 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
     """The training loop; returns the exit status."""
     config = run.train_config
     out_dir = Path(config.out_dir)
-    tokens_per_step = (
-        config.batch_size * config.gradient_accumulation_steps * run.model_config.block_size
-    )
     bar = tqdm(
         total=config.max_iters,
         initial=start_step,
@@ -528,11 +531,13 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
         while True:
             elapsed = elapsed_before + time.perf_counter() - start_time
             due = step % config.eval_interval == 0 or step == config.max_iters
-            if due and not (history and history[-1]["step"] == step):
+            logged = history and history[-1]["step"] == step
+            if due and run.distributed.is_main and not logged:
                 best_val_loss = evaluate_and_save(run, step, best_val_loss, history, elapsed)
             if step == config.max_iters:
                 break
-            if stop.requested:
+            # All processes must stop at the same step, or the others would wait forever.
+            if any_process(stop.requested, run.distributed, run.device):
                 bar.close()
                 return save_and_stop(run, step, best_val_loss)
             loss = train_step(run, step)
@@ -548,10 +553,12 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
                 bar.set_postfix(
                     loss=f"{loss_value:.4f}",
                     lr=f"{learning_rate_at(step, config):.2e}",
-                    tok_s=f"{interval_steps * tokens_per_step / seconds:,.0f}",
+                    tok_s=f"{interval_steps * run.tokens_per_step() / seconds:,.0f}",
                 )
                 interval_start, interval_steps = time.perf_counter(), 0
     bar.close()
+    if not run.distributed.is_main:
+        return 0
     best = min(history, key=lambda r: r["val_loss"])
     print(
         f"done in {history[-1]['elapsed_s']:.0f} s: best validation loss {best['val_loss']:.4f} "
@@ -577,9 +584,13 @@ def prepare_out_dir(run: Run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line; returns the exit status."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Under torchrun only process 0 reports progress; the others stay quiet.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - open for the process' lifetime
     try:
         run, start_step, best_val_loss, history = build_run(argv)
-        prepare_out_dir(run)
+        if run.distributed.is_main:
+            prepare_out_dir(run)
         return train(run, start_step, best_val_loss, history)
     except UserFacingError as err:
         print_error(PROG, err)
@@ -590,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

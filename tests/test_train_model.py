@@ -17,8 +17,9 @@ import torch
 import train_model
 from checkpoint import load_checkpoint
 from conftest import tiny_train_argv
+from devices import resolve_device
 from hyperparameters import TrainConfig, UserFacingError
-from train_model import bits_per_char, build_run, learning_rate_at, resolve_device, train_step
+from train_model import bits_per_char, build_run, learning_rate_at, train_step
 
 
 def read_metrics(out_dir):

@@ -1,0 +1,111 @@
+"""Where the computation runs: the device, the precision, and processes started by torchrun.
+
+    python train_model.py --device=cpu                          # one process
+    torchrun --standalone --nproc_per_node=2 train_model.py     # two processes, one machine
+
+Under torchrun every process trains a copy of the model on its own batches, and their
+gradients are averaged after each backward pass (DistributedDataParallel): backend nccl on
+CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+from hyperparameters import UserFacingError
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an unavailable explicit choice is a user error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if requested == "auto":
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if not available[requested]:
+        raise UserFacingError(f"device {requested} is not available here; try --device=cpu")
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The compute dtype for autocast, and the reason it was chosen (printed at start)."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return torch.float32, f"float32 ({device.type})"
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bfloat16 (CUDA with bf16 support)"
+        return torch.float16, "float16 with gradient scaling (CUDA without bf16)"
+    if requested == "float16" and device.type != "cuda":
+        raise UserFacingError("dtype float16 needs a CUDA device; use float32 or bfloat16")
+    return getattr(torch, requested), f"{requested} (requested)"
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass, or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """This process' place in a torchrun job; a plain run is rank 0 of a world of 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        """True when several processes train together."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes logs, plots and checkpoints."""
+        return self.rank == 0
+
+
+def init_distributed(requested_device: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job if there is one (torchrun sets RANK and WORLD_SIZE)."""
+    device = resolve_device(requested_device)
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed(), device
+    if device.type == "mps":
+        raise UserFacingError("multi-process training runs on cuda or cpu; add --device=cpu")
+    context = Distributed(
+        rank=int(os.environ["RANK"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
+    if device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return context, device
+
+
+def shutdown_distributed() -> None:
+    """Leave the torchrun job cleanly, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_process(flag: bool, context: Distributed, device: torch.device) -> bool:
+    """True if the flag is set in any process, so that all of them act on it together."""
+    if not context.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
