@@ -269,25 +269,45 @@ class GPT(nn.Module):
             use_cache: reuse keys and values of earlier positions (same tokens, less compute).
         """
         assert len(prompt_ids) > 0, "generate needs at least one prompt token"
-        block_size = self.config.block_size
         device = self.token_embedding.weight.device
         tokens = list(prompt_ids)
-        window = torch.tensor([tokens[-block_size:]], device=device)  # (1, T)
+        first = max(0, len(tokens) - self.config.block_size)  # the prompt's last block_size
+        start = first
         cache = KVCache(self, batch_size=1) if use_cache else None
-        logits, _ = self(window, cache=cache)  # (1, T, V): the prompt in one pass
+        logits, _ = self(torch.tensor([tokens[start:]], device=device), cache=cache)  # (1, T, V)
         for _ in range(max_new_tokens):
             next_id = sample_next(logits[0, -1].float(), temperature, top_k, top_p, generator)
             yield next_id
             tokens.append(next_id)
-            if cache is not None and cache.length < block_size:
+            window_start = context_start(len(tokens), first, self.config.block_size)
+            if cache is not None and window_start == start:
                 # Only the new token goes through the model; earlier keys/values are reused.
                 logits, _ = self(torch.tensor([[next_id]], device=device), cache=cache)
             else:
-                # Past block_size the cache cannot slide: with learned absolute position
-                # embeddings every kept token would move to a new position, so its keys and
-                # values would change. Recompute the last block_size tokens instead.
-                window = torch.tensor([tokens[-block_size:]], device=device)
-                logits, _ = self(window)
+                # The window moved (or there is no cache): run the whole window again. With a
+                # cache this happens once every block_size // 2 tokens.
+                start = window_start
+                if cache is not None:
+                    cache.reset()
+                logits, _ = self(torch.tensor([tokens[start:]], device=device), cache=cache)
+
+
+def context_start(length: int, first: int, block_size: int) -> int:
+    """Where the model's context window begins once `length` tokens exist.
+
+    The window starts at `first` (the prompt's last block_size tokens) and, once the text
+    outgrows it, jumps forward by half a block at a time, so the model always sees between
+    block_size // 2 + 1 and block_size tokens. Why not slide by one token? With learned absolute
+    position embeddings every kept token would move to a new position, changing all its cached
+    keys and values: sliding by one means recomputing the whole window for every new token.
+    Jumping by half a block lets the cache serve block_size // 2 tokens per recomputation.
+    The cached and uncached paths both follow this rule, so they give the same tokens.
+    """
+    overflow = length - first - block_size
+    if overflow <= 0:
+        return first
+    jump = max(1, block_size // 2)
+    return first + -(-overflow // jump) * jump  # round the overflow up to whole jumps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,3 +385,9 @@ class KVCache:
             for _ in range(model.config.n_layer)
         ]
         self.length = 0
+
+    def reset(self) -> None:
+        """Forget every position; the buffers are kept and overwritten."""
+        self.length = 0
+        for layer in self.layers:
+            layer.length = 0

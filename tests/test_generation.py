@@ -98,3 +98,16 @@ def test_sampling_only_draws_from_the_kept_tokens():
     generator = torch.Generator().manual_seed(0)
     draws = {sample_next(logits, 1.0, 2, 1.0, generator) for _ in range(200)}
     assert draws == {1, 3}
+
+
+def test_context_window_jumps_by_half_a_block():
+    from model_architecture import context_start
+
+    assert context_start(16, 0, 16) == 0  # fits: everything
+    assert context_start(17, 0, 16) == 8  # one too many: jump half a block
+    assert context_start(24, 0, 16) == 8
+    assert context_start(25, 0, 16) == 16
+    assert context_start(40, 24, 16) == 24  # a long prompt starts at its last block_size
+    for length in range(17, 200):
+        window = length - context_start(length, 0, 16)
+        assert 9 <= window <= 16  # the model always sees more than half a block

@@ -1,0 +1,245 @@
+"""Measure how fast this machine trains and generates, and how much memory that takes.
+
+    python bench.py                              # every measurement; figures also in bench.json
+    python bench.py --only roof train            # some of them
+    python bench.py --metrics out/metrics.jsonl  # also: time-to-quality of a finished run
+    python bench.py --threads 4 --json bench_4threads.json
+
+Measurements (each training and generation case runs in a fresh process, so its peak memory
+is its own):
+  roof      the float32 matmul rate of a large torch.mm (GFLOP/s): the machine's ceiling
+  train     tokens/s, ms per step, achieved GFLOP/s and its share of the roof (MFU), peak RSS
+            for three shapes: nanoGPT's CPU "baby" (4 x 128, block 64, batch 12), the classic
+            6 x 384 (block 256, batch 64), and the current defaults of hyperparameters.py
+  generate  new tokens/s for 1,000 and 2,000 tokens from a 6 x 384 character model with block
+            256, with the key/value cache and with full recomputation; time to the first token
+  quality   wall time at which a run's validation loss first reached 2.0 ... 1.4 nats/char
+No figure here is asserted anywhere: this is a measuring tool, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from devices import Distributed
+from hyperparameters import ModelConfig, TrainConfig
+from model_architecture import GPT
+from train_model import Run, make_optimizer, train_step
+
+TRAIN_SHAPES = {
+    "baby 4x128 T64 B12": (ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64), 12),
+    "6x384 T256 B64": (ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256), 64),
+    "defaults": (ModelConfig(), TrainConfig().batch_size),
+}
+GENERATE_MODEL = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
+QUALITY_TARGETS = (2.0, 1.8, 1.7, 1.6, 1.5, 1.45, 1.4)  # validation nats per character
+
+
+def peak_rss_mb() -> float:
+    """This process' peak resident memory so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_roof(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of a large float32 matrix multiply, the median of several runs."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        seconds.append(time.perf_counter() - start)
+    return {"matmul_gflops": 2 * size**3 / statistics.median(seconds) / 1e9}
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's share."""
+    c = model.config
+    weights = model.num_parameters() - model.position_embedding.weight.numel()
+    return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def train_speed(name: str, steps: int) -> dict[str, Any]:
+    """Time real training steps (train_model.train_step) of one shape on random tokens."""
+    model_config, batch_size = TRAIN_SHAPES[name]
+    model_config = dataclasses.replace(model_config, vocab_size=65, dropout=0.0)
+    train_config = TrainConfig(batch_size=batch_size, warmup_iters=0, max_iters=steps + 2)
+    torch.manual_seed(0)
+    model = GPT(model_config)
+    device = torch.device("cpu")
+    run = Run(
+        model=model,
+        compiled=model,
+        optimizer=make_optimizer(model, train_config, device),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        splits={"train": torch.randint(0, 65, (200_000,))},
+        tokens_per_char={"train": 1.0},
+        batch_generator=torch.Generator().manual_seed(0),
+        device=device,
+        autocast=contextlib.nullcontext(),
+        model_config=model_config,
+        data_config=None,  # type: ignore[arg-type] - not used by train_step
+        train_config=train_config,
+        tokenizer=None,  # type: ignore[arg-type] - not used by train_step
+        distributed=Distributed(),
+    )
+    train_step(run, 0).item()  # warm up: allocations, kernel selection
+    seconds = []
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        train_step(run, step).item()
+        seconds.append(time.perf_counter() - start)
+    step_s = statistics.median(seconds)
+    tokens_per_s = run.tokens_per_step() / step_s
+    return {
+        "parameters": model.num_parameters(),
+        "ms_per_step": step_s * 1000,
+        "tokens_per_s": tokens_per_s,
+        "gflops": tokens_per_s * flops_per_token(model) / 1e9,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def generate_speed(new_tokens: int, use_cache: bool) -> dict[str, Any]:
+    """Generate from a random-weight 6 x 384 model (speed does not depend on the weights)."""
+    torch.manual_seed(0)
+    model = GPT(GENERATE_MODEL).eval()
+    prompt = torch.randint(0, 65, (16,)).tolist()
+    generator = torch.Generator().manual_seed(0)
+    list(model.generate(prompt, 8, generator=generator, use_cache=use_cache))  # warm up
+    start = time.perf_counter()
+    stream = model.generate(prompt, new_tokens, generator=generator, use_cache=use_cache)
+    next(stream)
+    first_token_s = time.perf_counter() - start
+    count = 1 + sum(1 for _ in stream)
+    total_s = time.perf_counter() - start
+    return {
+        "tokens_per_s": count / total_s,
+        "seconds": total_s,
+        "first_token_ms": first_token_s * 1000,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def time_to_quality(metrics_path: Path) -> dict[str, Any]:
+    """When (wall seconds into training) a run's validation loss first reached each target."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    reached: dict[str, Any] = {}
+    for target in QUALITY_TARGETS:
+        # val_bpc is bits per character; nats per character = bits x ln 2.
+        hit = next((r for r in rows if r["val_bpc"] * math.log(2) <= target), None)
+        reached[f"{target:.2f} nats/char"] = hit["elapsed_s"] if hit else None
+    best = min(rows, key=lambda r: r["val_bpc"])
+    reached["best nats/char"] = best["val_bpc"] * math.log(2)
+    reached["best at s"] = best["elapsed_s"]
+    return reached
+
+
+# ----------------------------------------------------------------------------------------------
+# Each case in its own process
+
+
+def run_case(case: list[str], threads: int) -> dict[str, Any]:
+    """Run one measurement in a fresh Python process and return its figures."""
+    command = [sys.executable, __file__, "--case", *case, "--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def case_main(case: list[str]) -> dict[str, Any]:
+    """The body of a measuring process."""
+    kind, *args = case
+    if kind == "roof":
+        return matmul_roof()
+    if kind == "train":
+        return train_speed(args[0], steps=int(args[1]))
+    return generate_speed(int(args[0]), use_cache=args[1] == "cache")
+
+
+def print_report(results: dict[str, Any]) -> None:
+    """Human-readable tables of the figures."""
+    roof = results.get("roof", {}).get("matmul_gflops")
+    if roof:
+        print(f"matmul roof: {roof:.1f} GFLOP/s ({results['threads']} threads)")
+    for name, row in results.get("train", {}).items():
+        mfu = f", MFU {row['gflops'] / roof:.0%}" if roof else ""
+        print(
+            f"train {name}: {row['tokens_per_s']:,.0f} tokens/s, {row['ms_per_step']:.1f} ms/step,"
+            f" {row['gflops']:.1f} GFLOP/s{mfu}, peak RSS {row['peak_rss_mb']:,.0f} MB"
+        )
+    for name, row in results.get("generate", {}).items():
+        print(
+            f"generate {name}: {row['tokens_per_s']:,.1f} tokens/s ({row['seconds']:.1f} s), "
+            f"first token {row['first_token_ms']:.1f} ms, peak RSS {row['peak_rss_mb']:,.0f} MB"
+        )
+    for target, seconds in results.get("quality", {}).items():
+        print(f"quality {target}: {seconds if seconds is not None else 'not reached'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen measurements, print them, write the JSON file; returns the status."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["roof", "train", "generate"],
+        default=["roof", "train", "generate"],
+        help="which measurements",
+    )
+    parser.add_argument("--metrics", help="a run's metrics.jsonl, for time-to-quality")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads (default: what torch uses here)",
+    )
+    parser.add_argument(
+        "--train_steps", type=int, default=10, help="timed steps per training shape (default: 10)"
+    )
+    parser.add_argument("--json", default="bench.json", help="where to write the figures")
+    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)  # one measuring process
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.case:
+        print(json.dumps(case_main(args.case)))
+        return 0
+
+    results: dict[str, Any] = {"threads": args.threads, "torch": str(torch.__version__)}
+    if "roof" in args.only:
+        results["roof"] = run_case(["roof"], args.threads)
+    if "train" in args.only:
+        results["train"] = {}
+        for name in TRAIN_SHAPES:
+            steps = 3 if name.startswith("6x384") else args.train_steps
+            results["train"][name] = run_case(["train", name, str(steps)], args.threads)
+    if "generate" in args.only:
+        results["generate"] = {
+            f"{n} tokens, {mode}": run_case(["generate", str(n), mode], args.threads)
+            for n in (1000, 2000)
+            for mode in ("cache", "recompute")
+        }
+    if args.metrics:
+        results["quality"] = time_to_quality(Path(args.metrics))
+    print_report(results)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
