@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import os
 import sys
@@ -36,6 +35,7 @@ from hyperparameters import (
     print_error,
 )
 from model_architecture import GPT
+from train_model import loss_figure, read_history
 
 PROG = "app.py"
 MAX_PROMPT_CHARS = 2000  # longer prompts keep their end: the model sees block_size at most
@@ -171,23 +171,8 @@ def _figure_to_image(fig: Any) -> Any:
 
 def training_plot(metrics_path: Path) -> Any:
     """Train and validation loss against step from the run's metrics.jsonl; None if absent."""
-    if not metrics_path.exists():
-        return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return None
-    import matplotlib.pyplot as plt
-
-    steps = [row["step"] for row in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, [row["train_loss"] for row in rows], label="train", color="#1f77b4")
-    ax.plot(steps, [row["val_loss"] for row in rows], label="validation", color="#d62728")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title("How the model learned")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
+    history = read_history(metrics_path)
+    return loss_figure(history) if history else None
 
 
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:

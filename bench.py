@@ -9,8 +9,8 @@ Measurements (each training and generation case runs in a fresh process, so its 
 is its own):
   roof      the float32 matmul rate of a large torch.mm (GFLOP/s): the machine's ceiling
   train     tokens/s, ms per step, achieved GFLOP/s and its share of the roof (MFU), peak RSS
-            for three shapes: nanoGPT's CPU "baby" (4 x 128, block 64, batch 12), the classic
-            6 x 384 (block 256, batch 64), and the current defaults of hyperparameters.py
+            for nanoGPT's CPU "baby" shape (4 x 128, block 64, batch 12) with characters and
+            with GPT-2 BPE, the classic 6 x 384 (block 256, batch 64), and the current defaults
   generate  new tokens/s for 1,000 and 2,000 tokens from a 6 x 384 character model with block
             256, with the key/value cache and with full recomputation; time to the first token
   quality   wall time at which a run's validation loss first reached 2.0 ... 1.4 nats/char
@@ -39,12 +39,18 @@ from hyperparameters import ModelConfig, TrainConfig
 from model_architecture import GPT
 from train_model import Run, make_optimizer, train_step
 
+CHARS, GPT2_TOKENS = 65, 50257  # vocabulary sizes: Tiny Shakespeare's characters, GPT-2 BPE
+BABY = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)
 TRAIN_SHAPES = {
-    "baby 4x128 T64 B12": (ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64), 12),
-    "6x384 T256 B64": (ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256), 64),
-    "defaults": (ModelConfig(), TrainConfig().batch_size),
+    "baby 4x128 T64 B12": (dataclasses.replace(BABY, vocab_size=CHARS), 12),
+    "baby, GPT-2 BPE": (dataclasses.replace(BABY, vocab_size=GPT2_TOKENS), 12),
+    "6x384 T256 B64": (
+        ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS),
+        64,
+    ),
+    "defaults": (ModelConfig(vocab_size=CHARS), TrainConfig().batch_size),
 }
-GENERATE_MODEL = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
+GENERATE_MODEL = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS)
 QUALITY_TARGETS = (2.0, 1.8, 1.7, 1.6, 1.5, 1.45, 1.4)  # validation nats per character
 
 
@@ -75,7 +81,7 @@ def flops_per_token(model: GPT) -> float:
 def train_speed(name: str, steps: int) -> dict[str, Any]:
     """Time real training steps (train_model.train_step) of one shape on random tokens."""
     model_config, batch_size = TRAIN_SHAPES[name]
-    model_config = dataclasses.replace(model_config, vocab_size=65, dropout=0.0)
+    model_config = dataclasses.replace(model_config, dropout=0.0)
     train_config = TrainConfig(batch_size=batch_size, warmup_iters=0, max_iters=steps + 2)
     torch.manual_seed(0)
     model = GPT(model_config)
@@ -85,7 +91,7 @@ def train_speed(name: str, steps: int) -> dict[str, Any]:
         compiled=model,
         optimizer=make_optimizer(model, train_config, device),
         scaler=torch.amp.GradScaler("cpu", enabled=False),
-        splits={"train": torch.randint(0, 65, (200_000,))},
+        splits={"train": torch.randint(0, model_config.vocab_size, (200_000,))},
         tokens_per_char={"train": 1.0},
         batch_generator=torch.Generator().manual_seed(0),
         device=device,

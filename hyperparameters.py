@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class ModelConfig:
     vocab_size: int = setting(0, "set from the tokenizer when training starts; not an option")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = non_finite(self)
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -71,7 +72,7 @@ class DataConfig:
     cache_dir: str = setting(".cache", "folder for encoded-corpus caches")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = non_finite(self)
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         raise_if_any(problems)
@@ -84,8 +85,8 @@ class TrainConfig:
     batch_size: int = setting(16, "sequences per micro-batch; 8..64 on a CPU")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; 1..8")
     max_iters: int = setting(5000, "optimizer steps in total; 1000..20000")
-    learning_rate: float = setting(1e-3, "peak AdamW step size; 1e-4..3e-3 for small models")
-    min_lr: float = setting(1e-4, "floor of the cosine decay; about learning_rate / 10")
+    learning_rate: float = setting(2e-3, "peak AdamW step size; 1e-4..3e-3 for small models")
+    min_lr: float = setting(2e-4, "floor of the cosine decay; about learning_rate / 10")
     warmup_iters: int = setting(100, "steps of linear warmup from near 0 to learning_rate")
     weight_decay: float = setting(0.1, "AdamW decay on weight matrices only; 0..0.2")
     beta1: float = setting(0.9, "AdamW first-moment decay")
@@ -106,7 +107,7 @@ class TrainConfig:
     seed: int = setting(1337, "random seed: same seed, same run and same samples")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = non_finite(self)
         at_least_one = (
             "batch_size",
             "gradient_accumulation_steps",
@@ -150,7 +151,7 @@ class SampleConfig:
     use_cache: bool = setting(True, "reuse keys/values of earlier tokens (same text, faster)")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = non_finite(self)
         if self.num_samples < 1:
             problems.append(f"num_samples must be >= 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
@@ -168,6 +169,15 @@ CONFIG_CLASSES = (ModelConfig, DataConfig, TrainConfig, SampleConfig)
 
 # Filled in from the tokenizer or chosen by the program, never typed by a user.
 NOT_OPTIONS = frozenset({"vocab_size"})
+
+
+def non_finite(config: Any) -> list[str]:
+    """Problems with float settings that are nan or infinite (they pass every range check)."""
+    return [
+        f"{f.name} must be a finite number, got {getattr(config, f.name)}"
+        for f in dataclasses.fields(config)
+        if isinstance(getattr(config, f.name), float) and not math.isfinite(getattr(config, f.name))
+    ]
 
 
 def raise_if_any(problems: list[str]) -> None:

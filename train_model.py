@@ -221,30 +221,39 @@ def make_checkpoint(run: Run, step: int, best_val_loss: float) -> dict[str, Any]
     }
 
 
-def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
-    """Draw train and validation loss against step into a PNG (written atomically)."""
+def loss_figure(history: list[dict[str, Any]]) -> Any:
+    """A matplotlib figure of train and validation loss against step."""
     # Imported here, not at the top: matplotlib is slow to import and only needed at evals.
     import matplotlib
 
-    matplotlib.use("Agg")  # draw to a file, no display needed
+    matplotlib.use("Agg")  # draw to files, no display needed
     import matplotlib.pyplot as plt
 
     steps = [row["step"] for row in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [row["train_loss"] for row in history], label="train")
-    ax.plot(steps, [row["val_loss"] for row in history], label="validation")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, [row["train_loss"] for row in history], label="train", color="#1f77b4")
+    ax.plot(steps, [row["val_loss"] for row in history], label="validation", color="#d62728")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
+    ax.set_title("How the model learned")
     ax.grid(alpha=0.3)
     ax.legend()
+    return fig
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    """Draw the loss curves into a PNG (written atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(history)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     write_atomically(path, buffer.getvalue())
 
 
-def read_history(path: Path, up_to_step: int) -> list[dict[str, Any]]:
-    """Earlier evaluations of a resumed run (dropping any logged after its checkpoint)."""
+def read_history(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
+    """A run's evaluations from its metrics.jsonl, up to a step (a resumed run's checkpoint)."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -358,50 +367,92 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     batch_generator: torch.Generator,
+    distributed: Distributed,
 ) -> None:
-    """Put the optimizer and every random number generator back where the run left them."""
+    """Put the optimizer and the random number generators back where the run left them."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
+    if distributed.rank > 0:
+        return  # the saved random state is process 0's
     batch_generator.set_state(checkpoint["rng"]["batches"])  # the same batches follow
     torch.set_rng_state(checkpoint["rng"]["torch"])  # the same dropout masks follow
     if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
 
-def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, Any]]]:
-    """Parse settings, load or create everything; returns the run, start step, best val loss."""
+def read_settings(
+    argv: list[str] | None,
+) -> tuple[ModelConfig, DataConfig, TrainConfig, dict[str, Any] | None]:
+    """The run's settings from the command line, or from the checkpoint when resuming."""
     parser = build_parser(__doc__, [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
     (model_config, data_config, train_config), given = parse_configs(
         parser, [ModelConfig, DataConfig, TrainConfig], argv
     )
-    out_dir = Path(train_config.out_dir)
-    checkpoint = load_checkpoint(out_dir / "ckpt_last.pth") if train_config.resume else None
-    if checkpoint is not None:
-        model_config, data_config = load_configs_for_resume(
-            checkpoint, model_config, data_config, set(given)
+    if not train_config.resume:
+        return model_config, data_config, train_config, None
+    checkpoint = load_checkpoint(Path(train_config.out_dir) / "ckpt_last.pth")
+    model_config, data_config = load_configs_for_resume(
+        checkpoint, model_config, data_config, set(given)
+    )
+    if checkpoint["step"] >= train_config.max_iters:
+        raise UserFacingError(
+            f"the saved run already did {checkpoint['step']} steps; raise --max_iters to "
+            "train further"
         )
-        if checkpoint["step"] >= train_config.max_iters:
-            raise UserFacingError(
-                f"the saved run already did {checkpoint['step']} steps; raise --max_iters to "
-                "train further"
-            )
+    return model_config, data_config, train_config, checkpoint
 
-    distributed, device = init_distributed(train_config.device)
-    dtype, dtype_reason = resolve_dtype(train_config.dtype, device)
+
+def setup_compute(config: TrainConfig) -> tuple[Distributed, torch.device, torch.dtype]:
+    """Choose device and precision (joining a torchrun job if there is one) and say which."""
+    distributed, device = init_distributed(config.device)
+    dtype, dtype_reason = resolve_dtype(config.dtype, device)
     print(f"device {device}, compute dtype {dtype_reason}")
-    torch.manual_seed(train_config.seed)
     if device.type == "cuda":
         # TF32 matmuls are much faster on Ampere+ GPUs and precise enough for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return distributed, device, dtype
 
+
+def wrap_model(
+    model: GPT, config: TrainConfig, distributed: Distributed, example: torch.Tensor
+) -> torch.nn.Module:
+    """What runs the forward passes: the model, maybe compiled, maybe shared across processes."""
+    wrapped = maybe_compile(model, config.compile, example)
+    if distributed.enabled:
+        device = example.device
+        # broadcast_buffers=False: the only buffer is the constant causal mask, and without
+        # buffer syncing a forward pass needs no other process (process 0 evaluates alone).
+        wrapped = DistributedDataParallel(
+            wrapped,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    return wrapped
+
+
+def start_random_streams(
+    config: TrainConfig, distributed: Distributed, resumed_step: int
+) -> torch.Generator:
+    """Seed dropout and return the batch generator; each process gets streams of its own."""
+    # Process 0 of a torchrun job is the twin of a plain run. A resumed run's process 0 gets
+    # its saved streams back afterwards; the others start fresh ones.
+    seed = config.seed + distributed.rank + (resumed_step if distributed.rank > 0 else 0)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, Any]]]:
+    """Read settings, load or create everything; returns the run, start step, best val loss."""
+    model_config, data_config, train_config, checkpoint = read_settings(argv)
+    distributed, device, dtype = setup_compute(train_config)
+    torch.manual_seed(train_config.seed)  # the same initial weights in every process
     saved_tokenizer = tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None
     tokenizer, splits, tokens_per_char = prepare_data(
         data_config, model_config.block_size, saved_tokenizer
     )
     if checkpoint is not None:
-        model, _ = model_from_checkpoint(checkpoint, device)
-        model.train()
+        model = model_from_checkpoint(checkpoint, device)[0].train()
     else:
         model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
         model = GPT(model_config).to(device)
@@ -409,42 +460,21 @@ def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, A
 
     optimizer = make_optimizer(model, train_config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # Each process draws its own batches and dropout masks; process 0 is a plain run's twin.
-    batch_generator = torch.Generator().manual_seed(train_config.seed + distributed.rank)
-    torch.manual_seed(train_config.seed + distributed.rank)
     start_step, best_val_loss = 0, math.inf
+    out_dir = Path(train_config.out_dir)
     if checkpoint is not None:
-        restore_training_state(checkpoint, optimizer, scaler, batch_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        if distributed.rank > 0:
-            # The checkpoint holds process 0's random state; the others start fresh streams.
-            batch_generator.manual_seed(train_config.seed + distributed.rank + start_step)
-            torch.manual_seed(train_config.seed + distributed.rank + start_step)
+    batch_generator = start_random_streams(train_config, distributed, start_step)
+    if checkpoint is not None:
+        restore_training_state(checkpoint, optimizer, scaler, batch_generator, distributed)
         print(f"resuming from step {start_step} (best validation loss {best_val_loss:.4f})")
     elif (out_dir / "ckpt_last.pth").exists():
         print(f"starting a new run: the checkpoints in {out_dir} will be replaced")
 
     example = splits["train"][: model_config.block_size].unsqueeze(0).to(device)
-    compiled = maybe_compile(model, train_config.compile, example)
-    if distributed.enabled:
-        # broadcast_buffers=False: the only buffer is the constant causal mask, and without
-        # buffer syncing a forward pass needs no other process (process 0 evaluates alone).
-        compiled = DistributedDataParallel(
-            compiled,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
-    global_batch = (
-        train_config.batch_size * train_config.gradient_accumulation_steps * distributed.world_size
-    )
-    print(
-        f"global batch: {train_config.batch_size} x {train_config.gradient_accumulation_steps} "
-        f"accumulation x {distributed.world_size} processes = {global_batch} sequences of "
-        f"{model_config.block_size} tokens"
-    )
     run = Run(
         model=model,
-        compiled=compiled,
+        compiled=wrap_model(model, train_config, distributed, example),
         optimizer=optimizer,
         scaler=scaler,
         splits=splits,
@@ -457,6 +487,12 @@ def build_run(argv: list[str] | None) -> tuple[Run, int, float, list[dict[str, A
         train_config=train_config,
         tokenizer=tokenizer,
         distributed=distributed,
+    )
+    print(
+        f"global batch: {train_config.batch_size} x {train_config.gradient_accumulation_steps} "
+        f"accumulation x {distributed.world_size} processes = "
+        f"{run.tokens_per_step() // model_config.block_size} sequences of "
+        f"{model_config.block_size} tokens"
     )
     history = read_history(out_dir / "metrics.jsonl", start_step) if checkpoint else []
     return run, start_step, best_val_loss, history

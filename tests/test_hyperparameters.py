@@ -126,6 +126,8 @@ def test_choices_and_escaped_newlines():
         (["--dropout=1.5"], "dropout must be in [0, 1)"),
         (["--top_p=0"], "top_p must be in (0, 1]"),
         (["--vocab_size=10"], "unrecognized arguments"),
+        (["--temperature=nan"], "temperature must be a finite number"),
+        (["--weight_decay=inf"], "weight_decay must be a finite number"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(argv, message, capsys):

@@ -1,0 +1,47 @@
+"""bench.py's bookkeeping (not its timings, which are measured, never asserted).
+
+Run alone: python -m pytest tests/test_bench.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import bench
+from hyperparameters import ModelConfig
+from model_architecture import GPT
+
+
+def test_time_to_quality_reads_the_first_time_each_target_was_reached(tmp_path):
+    rows = [
+        {"step": 0, "val_bpc": 4.0 / math.log(2), "elapsed_s": 0.0},
+        {"step": 100, "val_bpc": 1.9 / math.log(2), "elapsed_s": 30.0},
+        {"step": 200, "val_bpc": 1.65 / math.log(2), "elapsed_s": 60.0},
+        {"step": 300, "val_bpc": 1.69 / math.log(2), "elapsed_s": 90.0},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reached = bench.time_to_quality(path)
+    assert reached["2.00 nats/char"] == 30.0
+    assert reached["1.70 nats/char"] == 60.0
+    assert reached["1.60 nats/char"] is None
+    assert math.isclose(reached["best nats/char"], 1.65)
+    assert reached["best at s"] == 60.0
+
+
+def test_flops_per_token_counts_weights_and_attention():
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=10))
+    weights = model.num_parameters() - 16 * 32  # position embeddings do no multiplications
+    assert bench.flops_per_token(model) == 6 * weights + 12 * 2 * 32 * 16
+
+
+def test_a_training_case_reports_every_figure():
+    tiny = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10)
+    bench.TRAIN_SHAPES["tiny"] = (tiny, 2)
+    try:
+        figures = bench.train_speed("tiny", steps=2)
+    finally:
+        del bench.TRAIN_SHAPES["tiny"]
+    assert set(figures) == {"parameters", "ms_per_step", "tokens_per_s", "gflops", "peak_rss_mb"}
+    assert figures["tokens_per_s"] > 0
