@@ -355,12 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     print(f"{PROG}: serving on http://{options['host']}:{options['port']}")
     sys.stdout.flush()
-    demo.launch(
-        server_name=options["host"],
-        server_port=options["port"],
-        ssr_mode=False,
-        footer_links=["api"],
-    )
+    try:
+        demo.launch(
+            server_name=options["host"],
+            server_port=options["port"],
+            ssr_mode=False,
+            footer_links=["api"],
+        )
+    except OSError as err:  # most often: the port is taken
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print_error(PROG, UserFacingError(f"cannot serve on port {options['port']} ({reason})"))
+        return 2
     return 0
 
 

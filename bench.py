@@ -3,6 +3,7 @@
     python bench.py                              # every measurement; figures also in bench.json
     python bench.py --only roof train            # some of them
     python bench.py --metrics out/metrics.jsonl  # also: time-to-quality of a finished run
+    python bench.py --only --full_val out/ckpt_best.pth   # a model's loss on all validation text
     python bench.py --threads 4 --json bench_4threads.json
 
 Measurements (each training and generation case runs in a fresh process, so its peak memory
@@ -34,8 +35,10 @@ from typing import Any
 
 import torch
 
+from checkpoint import load_checkpoint, model_from_checkpoint
+from data_handling import encode_corpus, read_corpus, resolve_corpus, split_tokens
 from devices import Distributed
-from hyperparameters import ModelConfig, TrainConfig
+from hyperparameters import DataConfig, ModelConfig, TrainConfig
 from model_architecture import GPT
 from train_model import Run, make_optimizer, train_step
 
@@ -154,6 +157,38 @@ def time_to_quality(metrics_path: Path) -> dict[str, Any]:
     return reached
 
 
+@torch.inference_mode()
+def full_validation_loss(checkpoint_path: Path, batch_size: int = 32) -> dict[str, float]:
+    """A checkpoint's loss on the whole validation split, not a sample of batches.
+
+    The split is cut into consecutive, non-overlapping windows of block_size tokens, and every
+    token of every window is scored (so early positions see less context, as in training).
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    data_config = DataConfig(**checkpoint["data_config"])
+    text = read_corpus(resolve_corpus(data_config.data))
+    tokens = encode_corpus(text, tokenizer, Path(data_config.cache_dir))
+    block = model.config.block_size
+    _, val = split_tokens(tokens, data_config.val_fraction, block)
+    n_windows = (len(val) - 1) // block
+    inputs = val[: n_windows * block].view(n_windows, block)
+    targets = val[1 : n_windows * block + 1].view(n_windows, block)
+    total = 0.0
+    for start in range(0, n_windows, batch_size):
+        _, loss = model(inputs[start : start + batch_size], targets[start : start + batch_size])
+        total += loss.item() * len(inputs[start : start + batch_size])
+    nats_per_token = total / n_windows
+    scored_chars = len(tokenizer.decode(targets.flatten().tolist()))
+    nats_per_char = nats_per_token * n_windows * block / scored_chars
+    return {
+        "val_nats_per_token": nats_per_token,
+        "val_nats_per_char": nats_per_char,
+        "val_bits_per_char": nats_per_char / math.log(2),
+        "tokens_scored": n_windows * block,
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Each case in its own process
 
@@ -191,6 +226,8 @@ def print_report(results: dict[str, Any]) -> None:
             f"generate {name}: {row['tokens_per_s']:,.1f} tokens/s ({row['seconds']:.1f} s), "
             f"first token {row['first_token_ms']:.1f} ms, peak RSS {row['peak_rss_mb']:,.0f} MB"
         )
+    for name, value in results.get("full_validation", {}).items():
+        print(f"whole validation split: {name} = {value:.4f}")
     for target, seconds in results.get("quality", {}).items():
         print(f"quality {target}: {seconds if seconds is not None else 'not reached'}")
 
@@ -202,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        nargs="+",
+        nargs="*",
         choices=["roof", "train", "generate"],
         default=["roof", "train", "generate"],
-        help="which measurements",
+        help="which measurements (none at all: only --metrics and --full_val)",
     )
     parser.add_argument("--metrics", help="a run's metrics.jsonl, for time-to-quality")
+    parser.add_argument("--full_val", help="a checkpoint: its loss on the whole validation split")
     parser.add_argument(
         "--threads",
         type=int,
@@ -241,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     if args.metrics:
         results["quality"] = time_to_quality(Path(args.metrics))
+    if args.full_val:
+        results["full_validation"] = full_validation_loss(Path(args.full_val))
     print_report(results)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"figures written to {args.json}")
