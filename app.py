@@ -12,6 +12,7 @@ for a short prompt, from the hand-written attention).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -283,19 +284,8 @@ def _generate_tab(gr: Any, loaded: LoadedModel, defaults: SampleConfig) -> None:
             output = gr.Textbox(label="Text", lines=22, elem_id="output")
             note = gr.Markdown(elem_id="note")
 
-    def generate(
-        prompt: str,
-        temperature: float,
-        top_k: float,
-        top_p: float,
-        max_new_tokens: float,
-        seed: float | None,
-    ) -> Iterator[tuple[str, str]]:
-        # A generator function of its own, so Gradio streams what it yields.
-        yield from generate_stream(loaded, prompt, temperature, top_k, top_p, max_new_tokens, seed)
-
     button.click(
-        generate,
+        functools.partial(generate_stream, loaded),  # still a generator: Gradio streams it
         inputs=[prompt, temperature, top_k, top_p, max_new, seed],
         outputs=[output, note],
         api_name="generate",
