@@ -5,6 +5,7 @@
     python bench.py --metrics out/metrics.jsonl  # also: time-to-quality of a finished run
     python bench.py --only --full_val out/ckpt_best.pth   # a model's loss on all validation text
     python bench.py --threads 4 --json bench_4threads.json
+    python bench.py --only train --shapes defaults --compile     # torch.compile's effect
 
 Measurements (each training and generation case runs in a fresh process, so its peak memory
 is its own):
@@ -81,7 +82,7 @@ def flops_per_token(model: GPT) -> float:
     return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def train_speed(name: str, steps: int) -> dict[str, Any]:
+def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str, Any]:
     """Time real training steps (train_model.train_step) of one shape on random tokens."""
     model_config, batch_size = TRAIN_SHAPES[name]
     model_config = dataclasses.replace(model_config, dropout=0.0)
@@ -91,7 +92,7 @@ def train_speed(name: str, steps: int) -> dict[str, Any]:
     device = torch.device("cpu")
     run = Run(
         model=model,
-        compiled=model,
+        compiled=torch.compile(model) if compile_model else model,
         optimizer=make_optimizer(model, train_config, device),
         scaler=torch.amp.GradScaler("cpu", enabled=False),
         splits={"train": torch.randint(0, model_config.vocab_size, (200_000,))},
@@ -206,7 +207,7 @@ def case_main(case: list[str]) -> dict[str, Any]:
     if kind == "roof":
         return matmul_roof()
     if kind == "train":
-        return train_speed(args[0], steps=int(args[1]))
+        return train_speed(args[0], steps=int(args[1]), compile_model=args[2] == "compile")
     return generate_speed(int(args[0]), use_cache=args[1] == "cache")
 
 
@@ -255,6 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--train_steps", type=int, default=10, help="timed steps per training shape (default: 10)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train through torch.compile (compiling is done before timing)",
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=list(TRAIN_SHAPES),
+        default=list(TRAIN_SHAPES),
+        help="training shapes to time (default: all)",
+    )
     parser.add_argument("--json", default="bench.json", help="where to write the figures")
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)  # one measuring process
     args = parser.parse_args(argv)
@@ -268,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         results["roof"] = run_case(["roof"], args.threads)
     if "train" in args.only:
         results["train"] = {}
-        for name in TRAIN_SHAPES:
+        for name in args.shapes:
             steps = 3 if name.startswith("6x384") else args.train_steps
-            results["train"][name] = run_case(["train", name, str(steps)], args.threads)
+            mode = "compile" if args.compile else "eager"
+            results["train"][name] = run_case(["train", name, str(steps), mode], args.threads)
     if "generate" in args.only:
         results["generate"] = {
             f"{n} tokens, {mode}": run_case(["generate", str(n), mode], args.threads)
