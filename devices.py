@@ -102,6 +102,12 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def wait_for_all(context: Distributed) -> None:
+    """Block until every process gets here (a no-op for a single process)."""
+    if context.enabled:
+        dist.barrier()
+
+
 def any_process(flag: bool, context: Distributed, device: torch.device) -> bool:
     """True if the flag is set in any process, so that all of them act on it together."""
     if not context.enabled:

@@ -47,6 +47,7 @@ from devices import (
     init_distributed,
     resolve_dtype,
     shutdown_distributed,
+    wait_for_all,
 )
 from hyperparameters import (
     DataConfig,
@@ -421,12 +422,12 @@ def wrap_model(
     wrapped = maybe_compile(model, config.compile, example)
     if distributed.enabled:
         device = example.device
-        # broadcast_buffers=False: the only buffer is the constant causal mask, and without
+        # forward_sync_buffers=False: the only buffer is the constant causal mask, and without
         # buffer syncing a forward pass needs no other process (process 0 evaluates alone).
         wrapped = DistributedDataParallel(
             wrapped,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )
     return wrapped
 
@@ -536,15 +537,16 @@ def evaluate_and_save(
 
 def save_and_stop(run: Run, step: int, best_val_loss: float) -> int:
     """Save the latest checkpoint after a Ctrl-C, say how to continue; returns the status."""
-    if not run.distributed.is_main:
-        return 130
     path = Path(run.train_config.out_dir) / "ckpt_last.pth"
-    save_checkpoint(path, make_checkpoint(run, step, best_val_loss))
-    print(
-        f"stopped at step {step}; saved {path}. Continue with: python {PROG} --resume "
-        f"--out_dir={run.train_config.out_dir}",
-        file=sys.stderr,
-    )
+    if run.distributed.is_main:
+        save_checkpoint(path, make_checkpoint(run, step, best_val_loss))
+    wait_for_all(run.distributed)  # nobody shuts down while process 0 still saves
+    if run.distributed.is_main:
+        print(
+            f"stopped at step {step}; saved {path}. Continue with: python {PROG} --resume "
+            f"--out_dir={run.train_config.out_dir}",
+            file=sys.stderr,
+        )
     return 130
 
 
@@ -593,6 +595,7 @@ def train(run: Run, start_step: int, best_val_loss: float, history: list[dict[st
                 )
                 interval_start, interval_steps = time.perf_counter(), 0
     bar.close()
+    wait_for_all(run.distributed)  # nobody shuts down while process 0 still saves
     if not run.distributed.is_main:
         return 0
     best = min(history, key=lambda r: r["val_loss"])
