@@ -32,6 +32,7 @@ from hyperparameters import (
     TrainConfig,
     UserFacingError,
     build_parser,
+    first_line,
     parse_configs,
     print_error,
 )
@@ -112,11 +113,10 @@ def prepare_prompt(text: str, tokenizer: Tokenizer) -> tuple[list[int], str]:
         text = text[-MAX_PROMPT_CHARS:]
         notes.append(f"the prompt was cut to its last {MAX_PROMPT_CHARS} characters")
     if isinstance(tokenizer, CharTokenizer):
-        unknown = sorted(set(text) - set(tokenizer.chars))
+        unknown = tokenizer.unknown_characters(text)
         if unknown:
             text = "".join(ch for ch in text if ch in tokenizer.char_to_id)
-            shown = ", ".join(repr(ch) for ch in unknown[:10])
-            notes.append(f"left out characters the model does not know: {shown}")
+            notes.append(f"left out characters the model does not know: {unknown}")
     if not text:
         known_start = "\n" in tokenizer.chars if isinstance(tokenizer, CharTokenizer) else True
         return ([tokenizer.encode("\n")[0]] if known_start else [0]), "; ".join(notes)
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             footer_links=["api"],
         )
     except OSError as err:  # most often: the port is taken
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         print_error(PROG, UserFacingError(f"cannot serve on port {options['port']} ({reason})"))
         return 2
     return 0

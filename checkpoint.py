@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from data_handling import Tokenizer, tokenizer_from_dict, write_atomically
-from hyperparameters import ModelConfig, UserFacingError
+from hyperparameters import ModelConfig, UserFacingError, first_line
 from model_architecture import GPT
 
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file can fail inside the unpickler in many ways
         # weights_only refuses any object it does not know, so a malicious file lands here too.
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UserFacingError(f"{path} is not a readable checkpoint ({reason:.120})") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise UserFacingError(f"{path} is not a checkpoint of this project")

@@ -144,13 +144,17 @@ class CharTokenizer:
         """Build the vocabulary from every character that occurs in `text`."""
         return cls("".join(sorted(set(text))))
 
+    def unknown_characters(self, text: str) -> str:
+        """The characters of `text` outside the vocabulary, quoted ('' if there are none)."""
+        unknown = sorted(set(text) - set(self.char_to_id))
+        return ", ".join(repr(ch) for ch in unknown[:10])
+
     def encode(self, text: str) -> list[int]:
         """Text to ids; characters outside the vocabulary are a user error naming them."""
         try:
             return [self.char_to_id[ch] for ch in text]
         except KeyError:
-            unknown = sorted(set(text) - set(self.char_to_id))
-            shown = ", ".join(repr(ch) for ch in unknown[:10])
+            shown = self.unknown_characters(text)
             raise UserFacingError(f"text has characters not in the vocabulary: {shown}") from None
 
     def decode(self, ids: Iterable[int]) -> str:

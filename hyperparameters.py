@@ -26,6 +26,12 @@ class UserFacingError(Exception):
     """A problem the user can fix (bad option, missing file...): shown as one line, exit 2."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (or its type's name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def setting(default: Any, help: str) -> Any:
     """A dataclass field whose help text is data, so the CLI and the tests can read it."""
     return field(default=default, metadata={"help": help})

@@ -55,6 +55,7 @@ from hyperparameters import (
     TrainConfig,
     UserFacingError,
     build_parser,
+    first_line,
     parse_configs,
     print_error,
 )
@@ -358,8 +359,7 @@ def maybe_compile(model: GPT, enabled: bool, example: torch.Tensor) -> torch.nn.
             compiled(example)  # compilation happens on the first call; fail here, not later
         return compiled
     except Exception as err:  # any compiler failure: the eager model still works
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"warning: torch.compile failed ({first_line:.100}); running uncompiled")
+        print(f"warning: torch.compile failed ({first_line(err):.100}); running uncompiled")
         return model
 
 
