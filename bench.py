@@ -78,7 +78,8 @@ def matmul_roof(size: int = 2048, repeats: int = 10) -> dict[str, float]:
 def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 per weight (forward + backward) plus attention's share."""
     c = model.config
-    weights = model.num_parameters() - model.position_embedding.weight.numel()
+    table = model.position_embedding  # looked up, not multiplied; None with rotary positions
+    weights = model.num_parameters() - (table.weight.numel() if table is not None else 0)
     return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
 
 

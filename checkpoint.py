@@ -25,6 +25,14 @@ from model_architecture import GPT
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "tokenizer", "model")
 HOW_TO_TRAIN = "train one with `python train_model.py`"
+# Model settings added after format version 1 was fixed: a checkpoint without them was built
+# the way these values say, whatever today's defaults are.
+MODEL_SETTINGS_BEFORE_THEY_EXISTED = {
+    "position": "learned",
+    "activation": "gelu",
+    "qk_norm": False,
+    "zero_init": False,
+}
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -62,17 +70,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def saved_model_config(checkpoint: dict[str, Any]) -> ModelConfig:
+    """The model settings a checkpoint was trained with."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved = {**MODEL_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["model_config"]}
+    try:
+        return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise UserFacingError(f"checkpoint holds an invalid model config ({err})") from None
+
+
 def model_from_checkpoint(
     checkpoint: dict[str, Any], device: torch.device
 ) -> tuple[GPT, Tokenizer]:
     """Rebuild the model (in eval mode, on `device`) and its tokenizer from a checkpoint alone."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    try:
-        model_config = ModelConfig(
-            **{k: v for k, v in checkpoint["model_config"].items() if k in known}
-        )
-    except (TypeError, ValueError) as err:
-        raise UserFacingError(f"checkpoint holds an invalid model config ({err})") from None
+    model_config = saved_model_config(checkpoint)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size != model_config.vocab_size:
         raise UserFacingError(

@@ -50,6 +50,14 @@ class ModelConfig:
     attention: Literal["sdpa", "manual"] = setting(
         "sdpa", "attention kernel: fused scaled_dot_product_attention, or the manual reference"
     )
+    position: Literal["learned", "rope"] = setting(
+        "learned", "how positions are told apart: a learned embedding each, or rotary (RoPE)"
+    )
+    activation: Literal["gelu", "relu2"] = setting(
+        "gelu", "feed-forward nonlinearity: GELU (GPT-2), or relu(x)**2"
+    )
+    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before attention")
+    zero_init: bool = setting(False, "start the blocks' output projections at zero")
     vocab_size: int = setting(0, "set from the tokenizer when training starts; not an option")
 
     def __post_init__(self) -> None:
@@ -59,6 +67,9 @@ class ModelConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_head >= 1 and self.n_embd % self.n_head != 0:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        head_size = self.n_embd // self.n_head if self.n_head >= 1 else 0
+        if self.position == "rope" and head_size % 2 != 0:
+            problems.append(f"rope needs an even head size (n_embd / n_head), got {head_size}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.vocab_size < 0:
@@ -110,6 +121,13 @@ class TrainConfig:
         "auto", "auto: bfloat16 (or float16) autocast on CUDA, float32 elsewhere"
     )
     compile: bool = setting(False, "wrap the model in torch.compile (falls back if it fails)")
+    optimizer: Literal["adamw", "muon"] = setting(
+        "adamw", "adamw for all weights, or muon for the blocks' matrices and adamw for the rest"
+    )
+    schedule: Literal["cosine", "wsd"] = setting(
+        "cosine", "after warmup: cosine decay to min_lr, or hold, then decay linearly (wsd)"
+    )
+    decay_fraction: float = setting(0.3, "wsd only: share of max_iters spent decaying; 0..1")
     seed: int = setting(1337, "random seed: same seed, same run and same samples")
 
     def __post_init__(self) -> None:
@@ -135,6 +153,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            problems.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not self.out_dir:
             problems.append("out_dir must not be empty")
         raise_if_any(problems)

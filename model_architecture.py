@@ -54,6 +54,9 @@ def causal_attention_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
 ) -> torch.Tensor:
     """The same computation through PyTorch's fused kernel (faster, less memory)."""
+    if q.size(-2) == 1:
+        # One query (a generation step) is the newest position and may see every key: no mask.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if q.size(-2) == k.size(-2):
         # is_causal aligns its triangle to the top-left, which is only right when Tq == Tk.
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -61,6 +64,28 @@ def causal_attention_sdpa(
 
 
 ATTENTION_KERNELS = {"manual": causal_attention_manual, "sdpa": causal_attention_sdpa}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings (RoPE, Su et al. 2021), the alternative to a learned embedding per
+# position: each query and key is rotated by an angle proportional to its position, so the score
+# q . k depends on how far apart two tokens are, not on where they sit.
+
+
+def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> torch.Tensor:
+    """The cosines and sines of every position's angles, stacked: (2, length, hs / 2)."""
+    # Channel pair i turns at frequency base^(-2i / hs): fast pairs tell neighbours apart,
+    # slow pairs measure long distances.
+    frequencies = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), frequencies)  # (length, hs/2)
+    return torch.stack((angles.cos(), angles.sin()))
+
+
+def apply_rotary(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + hs/2) of x (B, nh, T, hs) by the angles (2, T, hs/2)."""
+    cos, sin = tables[0], tables[1]  # (T, hs/2) each, broadcast over batch and heads
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # 2-D rotation per pair
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,24 +105,40 @@ class CausalSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.residual_dropout = nn.Dropout(config.dropout)
+        head_size = config.n_embd // config.n_head
+        # QK-norm: unit-RMS queries and keys (times a learned gain) keep attention scores in a
+        # steady range, whatever the weights grow to.
+        self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else nn.Identity()
+        self.rotary = config.position == "rope"
+        if self.rotary:  # derived from the config, so not saved either
+            tables = rotary_tables(config.block_size, head_size)
+            self.register_buffer("rotary_tables", tables, persistent=False)
         # Lower triangle: position i may attend to positions 0..i. Built once; not saved in
         # checkpoints (persistent=False) because it is derived from block_size.
         mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values for every head: (B, T, C) -> 3 x (B, nh, T, hs)."""
+    def split_heads(
+        self, x: torch.Tensor, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values per head: (B, T, C) at positions start.. -> 3 x (B, nh, T, hs)."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = self.q_norm(q), self.k_norm(k)  # identity unless qk_norm
+        if self.rotary:
+            tables = self.rotary_tables[:, start : start + T]  # (2, T, hs/2)
+            q, k = apply_rotary(q, tables), apply_rotary(k, tables)
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C). With a cache, x holds only the new positions."""
         B, T, C = x.shape
-        q, k, v = self.split_heads(x)  # 3 x (B, nh, T, hs)
+        start = cache.length if cache is not None else 0  # position of x's first token
+        q, k, v = self.split_heads(x, start)  # 3 x (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, Tk, hs): all positions so far
         Tk = k.size(2)
@@ -115,19 +156,27 @@ class CausalSelfAttention(nn.Module):
         return attention_weights(q, k, self.causal_mask[:T, :T])
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2: as cheap as ReLU, smooth at 0, and sparse (So et al., Primer, 2021)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise, any shape."""
+        return F.relu(x).square()
+
+
 class FeedForward(nn.Module):
-    """Per-position MLP: widen to 4 x n_embd, GELU, project back."""
+    """Per-position MLP: widen to 4 x n_embd, a nonlinearity (GELU by default), project back."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.activation = nn.GELU() if config.activation == "gelu" else ReLUSquared()
         self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
-        return self.dropout(self.fc_out(self.gelu(self.fc_in(x))))
+        return self.dropout(self.fc_out(self.activation(self.fc_in(x))))
 
 
 class Block(nn.Module):
@@ -162,7 +211,10 @@ class GPT(nn.Module):
         assert config.vocab_size > 0, "vocab_size must be set from the tokenizer"
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        # With rotary embeddings, attention itself knows positions: no table to learn.
+        self.position_embedding = (
+            nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        )
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.final_norm = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -181,7 +233,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         # Each block adds two projections into the residual stream; scaling them by
         # 1/sqrt(2 * n_layer) keeps its variance from growing with depth (GPT-2 paper, 2.3).
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        # zero_init goes further: every block starts as the identity and learns what to add.
+        residual_std = 0.0 if self.config.zero_init else 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
@@ -192,8 +245,10 @@ class GPT(nn.Module):
 
     def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
         """What each token is plus where it is: (B, T) ids at positions start.. -> (B, T, C)."""
-        positions = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
-        x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
+        x = self.token_embedding(idx)  # (B, T, C)
+        if self.position_embedding is not None:
+            positions = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+            x = x + self.position_embedding(positions)  # (B, T, C)
         return self.embedding_dropout(x)
 
     def forward(

@@ -28,7 +28,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    saved_model_config,
+)
 from data_handling import (
     Tokenizer,
     build_tokenizer,
@@ -60,6 +66,7 @@ from hyperparameters import (
     print_error,
 )
 from model_architecture import GPT
+from optimization import Optimizer, learning_rate_at, make_optimizer
 
 PROG = "train_model.py"
 
@@ -75,35 +82,6 @@ class TrainingDiverged(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays weight matrices and embeddings, but not biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups,
-        lr=config.learning_rate,
-        betas=(config.beta1, config.beta2),
-        fused=device.type == "cuda",
-    )
-
-
-def learning_rate_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_iters."""
-    if step < config.warmup_iters:
-        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)  # never 0
-    decay_steps = max(1, config.max_iters - config.warmup_iters)
-    progress = min(1.0, (step - config.warmup_iters) / decay_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
-    return config.min_lr + cosine * (config.learning_rate - config.min_lr)
-
-
-# ----------------------------------------------------------------------------------------------
 # Training and evaluation steps
 
 
@@ -113,7 +91,7 @@ class Run:
 
     model: GPT
     compiled: torch.nn.Module  # what runs forward passes: maybe torch.compile'd, maybe DDP
-    optimizer: torch.optim.AdamW
+    optimizer: Optimizer
     scaler: torch.amp.GradScaler
     splits: dict[str, torch.Tensor]
     tokens_per_char: dict[str, float]
@@ -304,24 +282,46 @@ def check_resume_overrides(saved: dict[str, Any], config: Any, explicit: set[str
 
 def load_configs_for_resume(
     checkpoint: dict[str, Any],
-    model_config: ModelConfig,
-    data_config: DataConfig,
+    configs: tuple[ModelConfig, DataConfig, TrainConfig],
     explicit: set[str],
-) -> tuple[ModelConfig, DataConfig]:
-    """The resumed run's model and data settings; contradicting options are a user error."""
-    saved_model = {k: v for k, v in checkpoint["model_config"].items() if k != "vocab_size"}
-    saved_data = {k: v for k, v in checkpoint["data_config"].items() if k != "data"}
-    conflicts = check_resume_overrides(saved_model, model_config, explicit)
-    conflicts += check_resume_overrides(saved_data, data_config, explicit)
+) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    """The resumed run's settings: the saved ones, with options given now where allowed.
+
+    The model, the data and the optimizer cannot change (contradicting options are a user
+    error); other training settings (max_iters, learning_rate, ...) may, and out_dir is where
+    the checkpoint was found.
+    """
+    model_config, data_config, train_config = configs
+    saved_model = dataclasses.asdict(saved_model_config(checkpoint))
+    saved_data = checkpoint["data_config"]
+    saved_train = {"optimizer": "adamw", **checkpoint.get("train_config", {})}
+    conflicts = check_resume_overrides(
+        {k: v for k, v in saved_model.items() if k != "vocab_size"}, model_config, explicit
+    )
+    conflicts += check_resume_overrides(
+        {k: v for k, v in saved_data.items() if k != "data"}, data_config, explicit
+    )
+    conflicts += check_resume_overrides(
+        {"optimizer": saved_train["optimizer"]}, train_config, explicit
+    )
     if conflicts:
         raise UserFacingError(
             f"--resume keeps the saved run's {', '.join(conflicts)}; drop those options or "
             "start a new run in another --out_dir"
         )
-    data = data_config.data if "data" in explicit else checkpoint["data_config"]["data"]
+    data = data_config.data if "data" in explicit else saved_data["data"]
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = {k: v for k, v in saved_train.items() if k in train_fields}
+    train.update({k: getattr(train_config, k) for k in train_fields if k in explicit})
+    train.update(out_dir=train_config.out_dir, resume=True)
+    try:
+        resumed_train_config = TrainConfig(**train)
+    except ValueError as err:  # e.g. a new --learning_rate below the saved min_lr
+        raise UserFacingError(f"with the saved run's settings: {err}") from None
     return (
-        ModelConfig(**checkpoint["model_config"]),
-        DataConfig(**{**checkpoint["data_config"], "data": data}),
+        ModelConfig(**saved_model),
+        DataConfig(**{**saved_data, "data": data}),
+        resumed_train_config,
     )
 
 
@@ -365,7 +365,7 @@ def maybe_compile(model: GPT, enabled: bool, example: torch.Tensor) -> torch.nn.
 
 def restore_training_state(
     checkpoint: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     scaler: torch.amp.GradScaler,
     batch_generator: torch.Generator,
     distributed: Distributed,
@@ -392,8 +392,8 @@ def read_settings(
     if not train_config.resume:
         return model_config, data_config, train_config, None
     checkpoint = load_checkpoint(Path(train_config.out_dir) / "ckpt_last.pth")
-    model_config, data_config = load_configs_for_resume(
-        checkpoint, model_config, data_config, set(given)
+    model_config, data_config, train_config = load_configs_for_resume(
+        checkpoint, (model_config, data_config, train_config), set(given)
     )
     if checkpoint["step"] >= train_config.max_iters:
         raise UserFacingError(

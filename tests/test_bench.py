@@ -5,6 +5,7 @@ Run alone: python -m pytest tests/test_bench.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -34,6 +35,8 @@ def test_flops_per_token_counts_weights_and_attention():
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=10))
     weights = model.num_parameters() - 16 * 32  # position embeddings do no multiplications
     assert bench.flops_per_token(model) == 6 * weights + 12 * 2 * 32 * 16
+    rotary = GPT(dataclasses.replace(model.config, position="rope"))
+    assert bench.flops_per_token(rotary) == bench.flops_per_token(model)  # same multiplications
 
 
 def test_a_training_case_reports_every_figure():

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 import data_handling
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (
+    MODEL_SETTINGS_BEFORE_THEY_EXISTED,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    saved_model_config,
+)
 from conftest import tiny_train_argv
 from hyperparameters import UserFacingError
 from train_model import build_run, make_checkpoint
@@ -147,3 +153,32 @@ def test_weights_of_other_dimensions_are_refused(saved):
 
 def test_no_temporary_files_are_left_after_saving(saved):
     assert not [p for p in saved.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_checkpoint_from_before_the_architecture_options_loads_as_it_was_built(saved, tmp_path):
+    checkpoint = load_checkpoint(saved)
+    for name in MODEL_SETTINGS_BEFORE_THEY_EXISTED:
+        del checkpoint["model_config"][name]  # what an older checkpoint holds
+    config = saved_model_config(checkpoint)
+    assert config.position == "learned"
+    assert config.activation == "gelu"
+    assert not config.qk_norm
+    assert not config.zero_init
+    model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    assert model.position_embedding is not None
+
+
+OPTIONS = [{"position": "rope", "activation": "relu2"}, {"qk_norm": True, "zero_init": True}]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_architecture_options_travel_in_the_checkpoint(tmp_path, tiny_corpus, options):
+    run, _, _, _ = build_run(tiny_train_argv(tmp_path / "out", tiny_corpus, **options))
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint(path, make_checkpoint(run, step=0, best_val_loss=math.inf))
+    model, _ = model_from_checkpoint(load_checkpoint(path), torch.device("cpu"))
+    for name, value in options.items():
+        assert getattr(model.config, name) == value
+    idx = torch.randint(0, model.config.vocab_size, (1, 16))
+    run.model.eval()
+    torch.testing.assert_close(model(idx)[0], run.model(idx)[0], atol=0, rtol=0)

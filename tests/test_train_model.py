@@ -1,4 +1,4 @@
-"""Training: schedule, accumulation, learning, resume, devices.
+"""Training: accumulation, learning, resume, devices.
 
 Run alone: python -m pytest tests/test_train_model.py
 """
@@ -18,29 +18,12 @@ import train_model
 from checkpoint import load_checkpoint
 from conftest import tiny_train_argv
 from devices import resolve_device
-from hyperparameters import TrainConfig, UserFacingError
-from train_model import bits_per_char, build_run, learning_rate_at, train_step
+from hyperparameters import UserFacingError
+from train_model import bits_per_char, build_run, train_step
 
 
 def read_metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_learning_rate_warms_up_then_decays_to_the_floor():
-    config = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    assert learning_rate_at(0, config) > 0
-    warmup = [learning_rate_at(s, config) for s in range(11)]
-    assert warmup == sorted(warmup)
-    assert learning_rate_at(10, config) == pytest.approx(1e-3)
-    assert learning_rate_at(60, config) == pytest.approx(0.55e-3)  # halfway down the cosine
-    assert learning_rate_at(110, config) == pytest.approx(1e-4)
-    decay = [learning_rate_at(s, config) for s in range(10, 111)]
-    assert decay == sorted(decay, reverse=True)
-
-
-def test_learning_rate_without_warmup_starts_at_the_peak():
-    config = TrainConfig(learning_rate=1e-3, warmup_iters=0, max_iters=100)
-    assert learning_rate_at(0, config) == pytest.approx(1e-3)
 
 
 def test_bits_per_char():

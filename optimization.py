@@ -1,0 +1,106 @@
+"""How the weights move: the optimizer (AdamW, or Muon with AdamW) and the learning-rate schedule.
+
+AdamW scales each weight's step by a running estimate of its gradient's size. Muon
+(Jordan et al., 2024) treats a weight matrix as a whole: it takes the momentum of the gradient
+and replaces it by the nearest orthogonal matrix (a few Newton-Schulz iterations), so every
+direction of the matrix moves by the same amount instead of the few that dominate the gradient.
+Muon only applies to the blocks' 2-D weight matrices; embeddings, biases and norm gains stay
+with AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from hyperparameters import TrainConfig
+from model_architecture import GPT
+
+
+class CombinedOptimizer:
+    """Several optimizers, each over its own parameters, stepped and saved as one."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every group of every optimizer (the schedule sets their learning rates)."""
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        """One step of every optimizer."""
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every optimizer's gradients."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every optimizer's state, in order, for a checkpoint."""
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned."""
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+
+
+Optimizer = torch.optim.Optimizer | CombinedOptimizer
+
+
+def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> Optimizer:
+    """The optimizer config.optimizer names, with weight decay on weight matrices only."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    # Muon takes the blocks' matrices (attention and feed-forward projections), not the
+    # embedding: its rows are looked up one token at a time, not multiplied as a whole.
+    muon = config.optimizer == "muon"
+    for_muon = [muon and name.startswith("blocks.") and p.dim() == 2 for name, p in named]
+    muon_matrices = [p for (_, p), m in zip(named, for_muon, strict=True) if m]
+    matrices = [p for (_, p), m in zip(named, for_muon, strict=True) if p.dim() >= 2 and not m]
+    others = [p for _, p in named if p.dim() < 2]
+    adamw = torch.optim.AdamW(
+        [
+            {"params": matrices, "weight_decay": config.weight_decay},
+            {"params": others, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+        betas=(config.beta1, config.beta2),
+        fused=device.type == "cuda",
+    )
+    if not muon:
+        return adamw
+    # match_rms_adamw scales Muon's orthogonal steps to the size of AdamW's, so one
+    # learning_rate (and one schedule) serves both optimizers.
+    orthogonalized = torch.optim.Muon(
+        muon_matrices,
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    return CombinedOptimizer([orthogonalized, adamw])
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then decay to min_lr at max_iters.
+
+    cosine: a smooth half-cosine over all steps after warmup. wsd (warmup-stable-decay): hold
+    learning_rate, then fall linearly to min_lr over the last decay_fraction of the steps.
+    """
+    if step < config.warmup_iters:
+        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)  # never 0
+    if config.schedule == "wsd":
+        decay_steps = config.decay_fraction * (config.max_iters - config.warmup_iters)
+        decay_start = config.max_iters - decay_steps
+        if step < decay_start:
+            return config.learning_rate
+        fraction_left = max(0.0, (config.max_iters - step) / max(1.0, decay_steps))  # 1 -> 0
+        return config.min_lr + fraction_left * (config.learning_rate - config.min_lr)
+    decay_steps = max(1, config.max_iters - config.warmup_iters)
+    progress = min(1.0, (step - config.warmup_iters) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return config.min_lr + cosine * (config.learning_rate - config.min_lr)

@@ -1,0 +1,145 @@
+"""Optimizers and schedules: which weights each optimizer moves, the learning-rate curves, and
+that a run keeps its optimizer (and its state) across --resume.
+
+Run alone: python -m pytest tests/test_optimization.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import train_model
+from checkpoint import load_checkpoint
+from conftest import tiny_train_argv
+from hyperparameters import TrainConfig
+from model_architecture import GPT
+from optimization import CombinedOptimizer, learning_rate_at, make_optimizer
+
+CPU = torch.device("cpu")
+
+
+def test_cosine_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    assert learning_rate_at(0, config) > 0
+    warmup = [learning_rate_at(s, config) for s in range(11)]
+    assert warmup == sorted(warmup)
+    assert learning_rate_at(10, config) == pytest.approx(1e-3)
+    assert learning_rate_at(60, config) == pytest.approx(0.55e-3)  # halfway down the cosine
+    assert learning_rate_at(110, config) == pytest.approx(1e-4)
+    decay = [learning_rate_at(s, config) for s in range(10, 111)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_learning_rate_without_warmup_starts_at_the_peak():
+    config = TrainConfig(learning_rate=1e-3, warmup_iters=0, max_iters=100)
+    assert learning_rate_at(0, config) == pytest.approx(1e-3)
+
+
+def test_wsd_holds_the_peak_then_decays_linearly():
+    config = TrainConfig(
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        warmup_iters=10,
+        max_iters=110,
+        schedule="wsd",
+        decay_fraction=0.4,  # the last 40 of the 100 steps after warmup
+    )
+    assert learning_rate_at(5, config) < 1e-3
+    assert {learning_rate_at(s, config) for s in range(10, 71)} == {1e-3}
+    assert learning_rate_at(90, config) == pytest.approx(0.55e-3)  # halfway down the line
+    assert learning_rate_at(110, config) == pytest.approx(1e-4)
+    decay = [learning_rate_at(s, config) for s in range(70, 111)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def tiny_model(tiny_model_config) -> GPT:
+    return GPT(tiny_model_config)
+
+
+def test_adamw_decays_matrices_only(tiny_model_config):
+    model = tiny_model(tiny_model_config)
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), CPU)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1
+    assert plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"])
+    assert all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_model_config):
+    model = tiny_model(tiny_model_config)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), CPU)
+    assert isinstance(optimizer, CombinedOptimizer)
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon)
+    assert isinstance(adamw, torch.optim.AdamW)
+    muon_ids = {id(p) for group in muon.param_groups for p in group["params"]}
+    adamw_ids = {id(p) for group in adamw.param_groups for p in group["params"]}
+    block_matrices = {
+        id(p) for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2
+    }
+    assert muon_ids == block_matrices  # 4 per block: qkv, attention out, feed-forward in and out
+    assert len(muon_ids) == 4 * tiny_model_config.n_layer
+    assert id(model.token_embedding.weight) in adamw_ids
+    assert muon_ids.isdisjoint(adamw_ids)
+    assert len(muon_ids | adamw_ids) == len(list(model.parameters()))  # every weight, once
+
+
+def test_one_learning_rate_reaches_every_group(tiny_model_config):
+    optimizer = make_optimizer(tiny_model(tiny_model_config), TrainConfig(optimizer="muon"), CPU)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.123
+    assert all(g["lr"] == 0.123 for o in optimizer.optimizers for g in o.param_groups)
+
+
+def read_losses(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
+
+
+def test_muon_run_learns_and_resumes_exactly(tmp_path, tiny_corpus, monkeypatch):
+    from test_train_model import stop_after
+
+    options = {"optimizer": "muon", "eval_interval": 5}
+    straight = tmp_path / "straight"
+    assert train_model.main(tiny_train_argv(straight, tiny_corpus, **options)) == 0
+    losses = read_losses(straight)
+    assert losses[-1][2] < losses[0][2] - 0.2  # validation loss fell
+
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        stop_after(8, patch)
+        assert train_model.main(tiny_train_argv(resumed, tiny_corpus, **options)) == 130
+    # Resuming needs no options repeated: the checkpoint carries the optimizer and the rest.
+    argv = tiny_train_argv(resumed, tiny_corpus)
+    argv = [a for a in argv if not a.startswith(("--max_iters", "--eval_interval"))]
+    assert train_model.main([*argv, "--resume"]) == 0
+    assert read_losses(resumed) == losses
+    weights_a = load_checkpoint(straight / "ckpt_last.pth")["model"]
+    weights_b = load_checkpoint(resumed / "ckpt_last.pth")["model"]
+    for name, tensor in weights_a.items():
+        assert torch.equal(tensor, weights_b[name]), name
+
+
+def test_resume_refuses_another_optimizer(tmp_path, tiny_corpus, capsys):
+    out_dir = tmp_path / "out"
+    assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=10)) == 0
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20, optimizer="muon")
+    assert train_model.main([*argv, "--resume"]) == 2
+    assert "optimizer" in capsys.readouterr().err
+
+
+def test_resume_keeps_saved_settings_unless_given_again(tmp_path, tiny_corpus):
+    out_dir = tmp_path / "out"
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, learning_rate=5e-3, min_lr=1e-4)
+    assert train_model.main(argv) == 0
+    resumed = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)  # no --learning_rate
+    run, start_step, _, _ = train_model.build_run([*resumed, "--resume"])
+    assert start_step == 10
+    assert run.train_config.learning_rate == 5e-3
+    assert run.train_config.max_iters == 20  # given again: the new value wins
