@@ -12,7 +12,8 @@ is its own):
   roof      the float32 matmul rate of a large torch.mm (GFLOP/s): the machine's ceiling
   train     tokens/s, ms per step, achieved GFLOP/s and its share of the roof (MFU), peak RSS
             for nanoGPT's CPU "baby" shape (4 x 128, block 64, batch 12) with characters and
-            with GPT-2 BPE, the classic 6 x 384 (block 256, batch 64), and the current defaults
+            with GPT-2 BPE, the classic 6 x 384 (block 256, batch 64), all with AdamW as
+            nanoGPT trains them, and the current defaults (with their optimizer, and with AdamW)
   generate  new tokens/s for 1,000 and 2,000 tokens from a 6 x 384 character model with block
             256, with the key/value cache and with full recomputation; time to the first token
   quality   wall time at which a run's validation loss first reached 2.0 ... 1.4 nats/char
@@ -41,20 +42,27 @@ from data_handling import encode_corpus, read_corpus, resolve_corpus, split_toke
 from devices import Distributed
 from hyperparameters import DataConfig, ModelConfig, TrainConfig
 from model_architecture import GPT
-from train_model import Run, make_optimizer, train_step
+from optimization import make_optimizer
+from train_model import Run, train_step
 
 CHARS, GPT2_TOKENS = 65, 50257  # vocabulary sizes: Tiny Shakespeare's characters, GPT-2 BPE
 BABY = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)
+SIX_BY_384 = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS)
+LIKE_NANOGPT = TrainConfig(optimizer="adamw")  # the shapes nanoGPT publishes, trained its way
 TRAIN_SHAPES = {
-    "baby 4x128 T64 B12": (dataclasses.replace(BABY, vocab_size=CHARS), 12),
-    "baby, GPT-2 BPE": (dataclasses.replace(BABY, vocab_size=GPT2_TOKENS), 12),
-    "6x384 T256 B64": (
-        ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS),
-        64,
+    "baby 4x128 T64 B12": (
+        dataclasses.replace(BABY, vocab_size=CHARS),
+        dataclasses.replace(LIKE_NANOGPT, batch_size=12),
     ),
-    "defaults": (ModelConfig(vocab_size=CHARS), TrainConfig().batch_size),
+    "baby, GPT-2 BPE": (
+        dataclasses.replace(BABY, vocab_size=GPT2_TOKENS),
+        dataclasses.replace(LIKE_NANOGPT, batch_size=12),
+    ),
+    "6x384 T256 B64": (SIX_BY_384, dataclasses.replace(LIKE_NANOGPT, batch_size=64)),
+    "defaults": (ModelConfig(vocab_size=CHARS), TrainConfig()),
+    "defaults with AdamW": (ModelConfig(vocab_size=CHARS), TrainConfig(optimizer="adamw")),
 }
-GENERATE_MODEL = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS)
+GENERATE_MODEL = SIX_BY_384
 QUALITY_TARGETS = (2.0, 1.8, 1.7, 1.6, 1.5, 1.45, 1.4)  # validation nats per character
 
 
@@ -85,9 +93,9 @@ def flops_per_token(model: GPT) -> float:
 
 def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str, Any]:
     """Time real training steps (train_model.train_step) of one shape on random tokens."""
-    model_config, batch_size = TRAIN_SHAPES[name]
+    model_config, train_config = TRAIN_SHAPES[name]
     model_config = dataclasses.replace(model_config, dropout=0.0)
-    train_config = TrainConfig(batch_size=batch_size, warmup_iters=0, max_iters=steps + 2)
+    train_config = dataclasses.replace(train_config, warmup_iters=0, max_iters=steps + 2)
     torch.manual_seed(0)
     model = GPT(model_config)
     device = torch.device("cpu")

@@ -25,14 +25,15 @@ from model_architecture import GPT
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "tokenizer", "model")
 HOW_TO_TRAIN = "train one with `python train_model.py`"
-# Model settings added after format version 1 was fixed: a checkpoint without them was built
-# the way these values say, whatever today's defaults are.
+# Settings added after format version 1 was fixed: a checkpoint without them was made the way
+# these values say, whatever today's defaults are.
 MODEL_SETTINGS_BEFORE_THEY_EXISTED = {
     "position": "learned",
     "activation": "gelu",
     "qk_norm": False,
     "zero_init": False,
 }
+TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw", "schedule": "cosine"}
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from checkpoint import (
     FORMAT_VERSION,
+    TRAIN_SETTINGS_BEFORE_THEY_EXISTED,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -294,7 +295,7 @@ def load_configs_for_resume(
     model_config, data_config, train_config = configs
     saved_model = dataclasses.asdict(saved_model_config(checkpoint))
     saved_data = checkpoint["data_config"]
-    saved_train = {"optimizer": "adamw", **checkpoint.get("train_config", {})}
+    saved_train = {**TRAIN_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint.get("train_config", {})}
     conflicts = check_resume_overrides(
         {k: v for k, v in saved_model.items() if k != "vocab_size"}, model_config, explicit
     )

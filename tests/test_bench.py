@@ -9,8 +9,10 @@ import dataclasses
 import json
 import math
 
+import pytest
+
 import bench
-from hyperparameters import ModelConfig
+from hyperparameters import ModelConfig, TrainConfig
 from model_architecture import GPT
 
 
@@ -39,12 +41,19 @@ def test_flops_per_token_counts_weights_and_attention():
     assert bench.flops_per_token(rotary) == bench.flops_per_token(model)  # same multiplications
 
 
-def test_a_training_case_reports_every_figure():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_training_case_reports_every_figure(optimizer):
     tiny = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10)
-    bench.TRAIN_SHAPES["tiny"] = (tiny, 2)
+    bench.TRAIN_SHAPES["tiny"] = (tiny, TrainConfig(batch_size=2, optimizer=optimizer))
     try:
         figures = bench.train_speed("tiny", steps=2)
     finally:
         del bench.TRAIN_SHAPES["tiny"]
     assert set(figures) == {"parameters", "ms_per_step", "tokens_per_s", "gflops", "peak_rss_mb"}
     assert figures["tokens_per_s"] > 0
+
+
+def test_nanogpt_shapes_train_the_way_nanogpt_does():
+    for name, (_, train_config) in bench.TRAIN_SHAPES.items():
+        if not name.startswith("defaults"):
+            assert train_config.optimizer == "adamw", name

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_model
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import tiny_train_argv
 from hyperparameters import TrainConfig
 from model_architecture import GPT
@@ -143,3 +143,19 @@ def test_resume_keeps_saved_settings_unless_given_again(tmp_path, tiny_corpus):
     assert start_step == 10
     assert run.train_config.learning_rate == 5e-3
     assert run.train_config.max_iters == 20  # given again: the new value wins
+
+
+def test_resuming_an_older_checkpoint_keeps_its_adamw_and_cosine(tmp_path, tiny_corpus):
+    out_dir = tmp_path / "out"
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, optimizer="adamw")
+    assert train_model.main(argv) == 0
+    path = out_dir / "ckpt_last.pth"
+    checkpoint = load_checkpoint(path)
+    for name in ("optimizer", "schedule", "decay_fraction"):
+        del checkpoint["train_config"][name]  # what a checkpoint from before them holds
+    save_checkpoint(path, checkpoint)
+    resumed = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)
+    run, _, _, _ = train_model.build_run([*resumed, "--resume"])
+    assert run.train_config.optimizer == "adamw"
+    assert run.train_config.schedule == "cosine"
+    assert isinstance(run.optimizer, torch.optim.AdamW)
