@@ -37,7 +37,7 @@ from hyperparameters import (
     print_error,
 )
 from model_architecture import GPT
-from train_model import loss_figure, read_history
+from training_log import loss_figure, read_history
 
 PROG = "app.py"
 MAX_PROMPT_CHARS = 2000  # longer prompts keep their end: the model sees block_size at most

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -68,6 +67,7 @@ from hyperparameters import (
 )
 from model_architecture import GPT
 from optimization import Optimizer, learning_rate_at, make_optimizer
+from training_log import bits_per_char, plot_losses, read_history, write_history
 
 PROG = "train_model.py"
 
@@ -170,13 +170,8 @@ def estimate_loss(run: Run) -> dict[str, float]:
     return losses
 
 
-def bits_per_char(loss: float, tokens_per_char: float) -> float:
-    """Nats per token to bits per character, comparable across tokenizers."""
-    return loss * tokens_per_char / math.log(2)
-
-
 # ----------------------------------------------------------------------------------------------
-# Checkpoints, metrics and the plot
+# Checkpoints
 
 
 def make_checkpoint(run: Run, step: int, best_val_loss: float) -> dict[str, Any]:
@@ -200,45 +195,6 @@ def make_checkpoint(run: Run, step: int, best_val_loss: float) -> dict[str, Any]
         "rng": rng,
         "torch_version": str(torch.__version__),  # a plain str: weights_only-safe
     }
-
-
-def loss_figure(history: list[dict[str, Any]]) -> Any:
-    """A matplotlib figure of train and validation loss against step."""
-    # Imported here, not at the top: matplotlib is slow to import and only needed at evals.
-    import matplotlib
-
-    matplotlib.use("Agg")  # draw to files, no display needed
-    import matplotlib.pyplot as plt
-
-    steps = [row["step"] for row in history]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, [row["train_loss"] for row in history], label="train", color="#1f77b4")
-    ax.plot(steps, [row["val_loss"] for row in history], label="validation", color="#d62728")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title("How the model learned")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
-
-
-def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
-    """Draw the loss curves into a PNG (written atomically)."""
-    import matplotlib.pyplot as plt
-
-    fig = loss_figure(history)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    write_atomically(path, buffer.getvalue())
-
-
-def read_history(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
-    """A run's evaluations from its metrics.jsonl, up to a step (a resumed run's checkpoint)."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["step"] <= up_to_step]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,8 +482,7 @@ def evaluate_and_save(
         f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f} "
         f"({row['val_bpc']:.3f} bits/char)"
     )
-    metrics = "".join(json.dumps(r) + "\n" for r in history)
-    write_atomically(out_dir / "metrics.jsonl", metrics.encode("utf-8"))
+    write_history(history, out_dir / "metrics.jsonl")
     plot_losses(history, out_dir / "loss.png")
     if losses["val"] < best_val_loss:
         best_val_loss = losses["val"]

@@ -19,7 +19,8 @@ from checkpoint import load_checkpoint
 from conftest import tiny_train_argv
 from devices import resolve_device
 from hyperparameters import UserFacingError
-from train_model import bits_per_char, build_run, train_step
+from train_model import build_run, train_step
+from training_log import bits_per_char
 
 
 def read_metrics(out_dir):
