@@ -53,9 +53,6 @@ class ModelConfig:
     position: Literal["learned", "rope"] = setting(
         "learned", "how positions are told apart: a learned embedding each, or rotary (RoPE)"
     )
-    activation: Literal["gelu", "relu2"] = setting(
-        "gelu", "feed-forward nonlinearity: GELU (GPT-2), or relu(x)**2"
-    )
     qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before attention")
     zero_init: bool = setting(False, "start the blocks' output projections at zero")
     vocab_size: int = setting(0, "set from the tokenizer when training starts; not an option")

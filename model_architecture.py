@@ -156,27 +156,19 @@ class CausalSelfAttention(nn.Module):
         return attention_weights(q, k, self.causal_mask[:T, :T])
 
 
-class ReLUSquared(nn.Module):
-    """relu(x)^2: as cheap as ReLU, smooth at 0, and sparse (So et al., Primer, 2021)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Elementwise, any shape."""
-        return F.relu(x).square()
-
-
 class FeedForward(nn.Module):
-    """Per-position MLP: widen to 4 x n_embd, a nonlinearity (GELU by default), project back."""
+    """Per-position MLP: widen to 4 x n_embd, GELU, project back."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.activation = nn.GELU() if config.activation == "gelu" else ReLUSquared()
+        self.gelu = nn.GELU()
         self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
-        return self.dropout(self.fc_out(self.activation(self.fc_in(x))))
+        return self.dropout(self.fc_out(self.gelu(self.fc_in(x))))
 
 
 class Block(nn.Module):

@@ -1,4 +1,4 @@
-"""The optional architecture choices: rotary positions, relu^2, QK-norm, zero-initialised outputs.
+"""The optional architecture choices: rotary positions, QK-norm, zero-initialised outputs.
 
 Each must keep what the default model guarantees (the two attention kernels agree, no position
 sees the future, the cache changes nothing) and do what its name says.
@@ -18,9 +18,8 @@ from model_architecture import GPT, KVCache, apply_rotary, rotary_tables
 
 VARIANTS = {
     "rope": {"position": "rope"},
-    "relu2": {"activation": "relu2"},
     "qk_norm": {"qk_norm": True},
-    "all": {"position": "rope", "activation": "relu2", "qk_norm": True},
+    "both": {"position": "rope", "qk_norm": True},
 }
 
 
@@ -106,13 +105,6 @@ def test_rope_model_learns_no_position_table(tiny_model_config):
 def test_rope_needs_an_even_head_size():
     with pytest.raises(ValueError, match="even head size"):
         ModelConfig(n_embd=30, n_head=2, position="rope")
-
-
-def test_relu_squared_feed_forward(tiny_model_config):
-    model = build(tiny_model_config, activation="relu2")
-    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
-    expected = torch.tensor([0.0, 0.0, 0.0, 0.25, 9.0])
-    torch.testing.assert_close(model.blocks[0].mlp.activation(x), expected)
 
 
 def test_qk_norm_gives_queries_and_keys_unit_rms(tiny_model_config):
