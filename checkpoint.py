@@ -30,7 +30,6 @@ HOW_TO_TRAIN = "train one with `python train_model.py`"
 MODEL_SETTINGS_BEFORE_THEY_EXISTED = {
     "position": "learned",
     "qk_norm": False,
-    "zero_init": False,
 }
 TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw", "schedule": "cosine"}
 

@@ -54,7 +54,6 @@ class ModelConfig:
         "learned", "how positions are told apart: a learned embedding each, or rotary (RoPE)"
     )
     qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before attention")
-    zero_init: bool = setting(False, "start the blocks' output projections at zero")
     vocab_size: int = setting(0, "set from the tokenizer when training starts; not an option")
 
     def __post_init__(self) -> None:

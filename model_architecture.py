@@ -225,8 +225,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         # Each block adds two projections into the residual stream; scaling them by
         # 1/sqrt(2 * n_layer) keeps its variance from growing with depth (GPT-2 paper, 2.3).
-        # zero_init goes further: every block starts as the identity and learns what to add.
-        residual_std = 0.0 if self.config.zero_init else 0.02 / math.sqrt(2 * self.config.n_layer)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)

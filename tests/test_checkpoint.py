@@ -162,12 +162,11 @@ def test_checkpoint_from_before_the_architecture_options_loads_as_it_was_built(s
     config = saved_model_config(checkpoint)
     assert config.position == "learned"
     assert not config.qk_norm
-    assert not config.zero_init
     model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
     assert model.position_embedding is not None
 
 
-OPTIONS = [{"position": "rope"}, {"qk_norm": True, "zero_init": True}]
+OPTIONS = [{"position": "rope"}, {"qk_norm": True}]
 
 
 @pytest.mark.parametrize("options", OPTIONS)

@@ -1,4 +1,4 @@
-"""The optional architecture choices: rotary positions, QK-norm, zero-initialised outputs.
+"""The optional architecture choices: rotary positions and QK-norm.
 
 Each must keep what the default model guarantees (the two attention kernels agree, no position
 sees the future, the cache changes nothing) and do what its name says.
@@ -115,12 +115,3 @@ def test_qk_norm_gives_queries_and_keys_unit_rms(tiny_model_config):
         torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
     _, _, plain_v = build(tiny_model_config).blocks[0].attn.split_heads(x)
     torch.testing.assert_close(v, plain_v, atol=0, rtol=0)  # values are left alone
-
-
-def test_zero_init_blocks_start_as_the_identity(tiny_model_config):
-    model = build(tiny_model_config, zero_init=True)
-    x = torch.randn(2, 16, 32)
-    for block in model.blocks:
-        torch.testing.assert_close(block(x), x, atol=0, rtol=0)
-    # The other weights are initialised as usual, so the projections still get gradients.
-    assert model.blocks[0].mlp.fc_in.weight.std() > 0.01
