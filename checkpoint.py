@@ -29,7 +29,6 @@ HOW_TO_TRAIN = "train one with `python train_model.py`"
 # these values say, whatever today's defaults are.
 MODEL_SETTINGS_BEFORE_THEY_EXISTED = {
     "position": "learned",
-    "qk_norm": False,
 }
 TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw", "schedule": "cosine"}
 

@@ -53,7 +53,6 @@ class ModelConfig:
     position: Literal["learned", "rope"] = setting(
         "learned", "how positions are told apart: a learned embedding each, or rotary (RoPE)"
     )
-    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before attention")
     vocab_size: int = setting(0, "set from the tokenizer when training starts; not an option")
 
     def __post_init__(self) -> None:

@@ -105,14 +105,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.residual_dropout = nn.Dropout(config.dropout)
-        head_size = config.n_embd // config.n_head
-        # QK-norm: unit-RMS queries and keys (times a learned gain) keep attention scores in a
-        # steady range, whatever the weights grow to.
-        self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else nn.Identity()
         self.rotary = config.position == "rope"
         if self.rotary:  # derived from the config, so not saved either
-            tables = rotary_tables(config.block_size, head_size)
+            tables = rotary_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rotary_tables", tables, persistent=False)
         # Lower triangle: position i may attend to positions 0..i. Built once; not saved in
         # checkpoints (persistent=False) because it is derived from block_size.
@@ -128,7 +123,6 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = self.q_norm(q), self.k_norm(k)  # identity unless qk_norm
         if self.rotary:
             tables = self.rotary_tables[:, start : start + T]  # (2, T, hs/2)
             q, k = apply_rotary(q, tables), apply_rotary(k, tables)

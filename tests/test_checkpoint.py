@@ -161,12 +161,11 @@ def test_checkpoint_from_before_the_architecture_options_loads_as_it_was_built(s
         del checkpoint["model_config"][name]  # what an older checkpoint holds
     config = saved_model_config(checkpoint)
     assert config.position == "learned"
-    assert not config.qk_norm
     model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
     assert model.position_embedding is not None
 
 
-OPTIONS = [{"position": "rope"}, {"qk_norm": True}]
+OPTIONS = [{"position": "rope"}, {"position": "learned"}]
 
 
 @pytest.mark.parametrize("options", OPTIONS)

@@ -1,9 +1,9 @@
-"""The optional architecture choices: rotary positions and QK-norm.
+"""Both ways of telling positions apart: a learned embedding each, and rotary embeddings.
 
-Each must keep what the default model guarantees (the two attention kernels agree, no position
-sees the future, the cache changes nothing) and do what its name says.
+Each must keep what the model guarantees (the two attention kernels agree, no position sees
+the future, the cache changes nothing); rotary embeddings must also do what their name says.
 
-Run alone: python -m pytest tests/test_model_options.py
+Run alone: python -m pytest tests/test_positions.py
 """
 
 from __future__ import annotations
@@ -16,11 +16,7 @@ import torch
 from hyperparameters import ModelConfig
 from model_architecture import GPT, KVCache, apply_rotary, rotary_tables
 
-VARIANTS = {
-    "rope": {"position": "rope"},
-    "qk_norm": {"qk_norm": True},
-    "both": {"position": "rope", "qk_norm": True},
-}
+POSITIONS = ["learned", "rope"]
 
 
 def build(config: ModelConfig, **changes: object) -> GPT:
@@ -28,10 +24,10 @@ def build(config: ModelConfig, **changes: object) -> GPT:
     return GPT(dataclasses.replace(config, **changes))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_sdpa_and_manual_attention_agree(tiny_model_config, variant):
-    manual = build(tiny_model_config, attention="manual", **VARIANTS[variant])
-    fused = build(tiny_model_config, attention="sdpa", **VARIANTS[variant])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_sdpa_and_manual_attention_agree(tiny_model_config, position):
+    manual = build(tiny_model_config, attention="manual", position=position)
+    fused = build(tiny_model_config, attention="sdpa", position=position)
     fused.load_state_dict(manual.state_dict())
     idx, targets = torch.randint(0, 40, (3, 16)), torch.randint(0, 40, (3, 16))
     logits_m, loss_m = manual(idx, targets)
@@ -44,9 +40,9 @@ def test_sdpa_and_manual_attention_agree(tiny_model_config, variant):
         torch.testing.assert_close(param.grad, grads_m[name].grad, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_no_position_sees_the_future(tiny_model_config, variant):
-    model = build(tiny_model_config, **VARIANTS[variant]).eval()
+@pytest.mark.parametrize("position", POSITIONS)
+def test_no_position_sees_the_future(tiny_model_config, position):
+    model = build(tiny_model_config, position=position).eval()
     idx = torch.randint(0, 40, (1, 16))
     changed = idx.clone()
     changed[0, 10:] = (changed[0, 10:] + 7) % 40
@@ -56,9 +52,9 @@ def test_no_position_sees_the_future(tiny_model_config, variant):
     assert not torch.allclose(logits[0, 10:], logits_changed[0, 10:])
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cached_forward_matches_full_forward(tiny_model_config, variant):
-    model = build(tiny_model_config, **VARIANTS[variant]).eval()
+@pytest.mark.parametrize("position", POSITIONS)
+def test_cached_forward_matches_full_forward(tiny_model_config, position):
+    model = build(tiny_model_config, position=position).eval()
     idx = torch.randint(0, 40, (1, 12))
     full, _ = model(idx)
     cache = KVCache(model, batch_size=1)
@@ -67,9 +63,9 @@ def test_cached_forward_matches_full_forward(tiny_model_config, variant):
     torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cached_and_uncached_generation_agree_past_block_size(tiny_model_config, variant):
-    model = build(tiny_model_config, **VARIANTS[variant]).eval()
+@pytest.mark.parametrize("position", POSITIONS)
+def test_cached_and_uncached_generation_agree_past_block_size(tiny_model_config, position):
+    model = build(tiny_model_config, position=position).eval()
 
     def generate(use_cache: bool) -> list[int]:
         generator = torch.Generator().manual_seed(0)
@@ -105,13 +101,3 @@ def test_rope_model_learns_no_position_table(tiny_model_config):
 def test_rope_needs_an_even_head_size():
     with pytest.raises(ValueError, match="even head size"):
         ModelConfig(n_embd=30, n_head=2, position="rope")
-
-
-def test_qk_norm_gives_queries_and_keys_unit_rms(tiny_model_config):
-    x = torch.randn(2, 16, 32) * 5
-    q, k, v = build(tiny_model_config, qk_norm=True).blocks[0].attn.split_heads(x)
-    for normed in (q, k):
-        rms = normed.pow(2).mean(dim=-1).sqrt()  # per head and position
-        torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
-    _, _, plain_v = build(tiny_model_config).blocks[0].attn.split_heads(x)
-    torch.testing.assert_close(v, plain_v, atol=0, rtol=0)  # values are left alone
