@@ -30,7 +30,7 @@ HOW_TO_TRAIN = "train one with `python train_model.py`"
 MODEL_SETTINGS_BEFORE_THEY_EXISTED = {
     "position": "learned",
 }
-TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw", "schedule": "cosine"}
+TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw"}
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:

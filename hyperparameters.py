@@ -119,10 +119,6 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = setting(
         "adamw", "adamw for all weights, or muon for the blocks' matrices and adamw for the rest"
     )
-    schedule: Literal["cosine", "wsd"] = setting(
-        "cosine", "after warmup: cosine decay to min_lr, or hold, then decay linearly (wsd)"
-    )
-    decay_fraction: float = setting(0.3, "wsd only: share of max_iters spent decaying; 0..1")
     seed: int = setting(1337, "random seed: same seed, same run and same samples")
 
     def __post_init__(self) -> None:
@@ -148,8 +144,6 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            problems.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not self.out_dir:
             problems.append("out_dir must not be empty")
         raise_if_any(problems)

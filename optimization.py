@@ -86,20 +86,9 @@ def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> Opt
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then decay to min_lr at max_iters.
-
-    cosine: a smooth half-cosine over all steps after warmup. wsd (warmup-stable-decay): hold
-    learning_rate, then fall linearly to min_lr over the last decay_fraction of the steps.
-    """
+    """Linear warmup to learning_rate, then cosine decay to min_lr at max_iters."""
     if step < config.warmup_iters:
         return config.learning_rate * (step + 1) / (config.warmup_iters + 1)  # never 0
-    if config.schedule == "wsd":
-        decay_steps = config.decay_fraction * (config.max_iters - config.warmup_iters)
-        decay_start = config.max_iters - decay_steps
-        if step < decay_start:
-            return config.learning_rate
-        fraction_left = max(0.0, (config.max_iters - step) / max(1.0, decay_steps))  # 1 -> 0
-        return config.min_lr + fraction_left * (config.learning_rate - config.min_lr)
     decay_steps = max(1, config.max_iters - config.warmup_iters)
     progress = min(1.0, (step - config.warmup_iters) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0

@@ -38,23 +38,6 @@ def test_learning_rate_without_warmup_starts_at_the_peak():
     assert learning_rate_at(0, config) == pytest.approx(1e-3)
 
 
-def test_wsd_holds_the_peak_then_decays_linearly():
-    config = TrainConfig(
-        learning_rate=1e-3,
-        min_lr=1e-4,
-        warmup_iters=10,
-        max_iters=110,
-        schedule="wsd",
-        decay_fraction=0.4,  # the last 40 of the 100 steps after warmup
-    )
-    assert learning_rate_at(5, config) < 1e-3
-    assert {learning_rate_at(s, config) for s in range(10, 71)} == {1e-3}
-    assert learning_rate_at(90, config) == pytest.approx(0.55e-3)  # halfway down the line
-    assert learning_rate_at(110, config) == pytest.approx(1e-4)
-    decay = [learning_rate_at(s, config) for s in range(70, 111)]
-    assert decay == sorted(decay, reverse=True)
-
-
 def tiny_model(tiny_model_config) -> GPT:
     return GPT(tiny_model_config)
 
@@ -145,17 +128,15 @@ def test_resume_keeps_saved_settings_unless_given_again(tmp_path, tiny_corpus):
     assert run.train_config.max_iters == 20  # given again: the new value wins
 
 
-def test_resuming_an_older_checkpoint_keeps_its_adamw_and_cosine(tmp_path, tiny_corpus):
+def test_resuming_an_older_checkpoint_keeps_its_adamw(tmp_path, tiny_corpus):
     out_dir = tmp_path / "out"
     argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, optimizer="adamw")
     assert train_model.main(argv) == 0
     path = out_dir / "ckpt_last.pth"
     checkpoint = load_checkpoint(path)
-    for name in ("optimizer", "schedule", "decay_fraction"):
-        del checkpoint["train_config"][name]  # what a checkpoint from before them holds
+    del checkpoint["train_config"]["optimizer"]  # what a checkpoint from before it holds
     save_checkpoint(path, checkpoint)
     resumed = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)
     run, _, _, _ = train_model.build_run([*resumed, "--resume"])
     assert run.train_config.optimizer == "adamw"
-    assert run.train_config.schedule == "cosine"
     assert isinstance(run.optimizer, torch.optim.AdamW)
