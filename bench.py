@@ -46,9 +46,10 @@ from optimization import make_optimizer
 from train_model import Run, train_step
 
 CHARS, GPT2_TOKENS = 65, 50257  # vocabulary sizes: Tiny Shakespeare's characters, GPT-2 BPE
-BABY = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)
 SIX_BY_384 = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS)
-LIKE_NANOGPT = TrainConfig(optimizer="adamw")  # the shapes nanoGPT publishes, trained its way
+# The shapes nanoGPT publishes, built and trained its way: learned positions, AdamW.
+BABY = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, position="learned")
+LIKE_NANOGPT = TrainConfig(optimizer="adamw")
 TRAIN_SHAPES = {
     "baby 4x128 T64 B12": (
         dataclasses.replace(BABY, vocab_size=CHARS),
@@ -58,7 +59,10 @@ TRAIN_SHAPES = {
         dataclasses.replace(BABY, vocab_size=GPT2_TOKENS),
         dataclasses.replace(LIKE_NANOGPT, batch_size=12),
     ),
-    "6x384 T256 B64": (SIX_BY_384, dataclasses.replace(LIKE_NANOGPT, batch_size=64)),
+    "6x384 T256 B64": (
+        dataclasses.replace(SIX_BY_384, position="learned"),
+        dataclasses.replace(LIKE_NANOGPT, batch_size=64),
+    ),
     "defaults": (ModelConfig(vocab_size=CHARS), TrainConfig()),
     "defaults with AdamW": (ModelConfig(vocab_size=CHARS), TrainConfig(optimizer="adamw")),
 }

@@ -50,8 +50,8 @@ class ModelConfig:
     attention: Literal["sdpa", "manual"] = setting(
         "sdpa", "attention kernel: fused scaled_dot_product_attention, or the manual reference"
     )
-    position: Literal["learned", "rope"] = setting(
-        "learned", "how positions are told apart: a learned embedding each, or rotary (RoPE)"
+    position: Literal["rope", "learned"] = setting(
+        "rope", "how positions are told apart: rotary embeddings (RoPE), or a learned vector each"
     )
     vocab_size: int = setting(0, "set from the tokenizer when training starts; not an option")
 
@@ -97,10 +97,10 @@ class TrainConfig:
     batch_size: int = setting(16, "sequences per micro-batch; 8..64 on a CPU")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; 1..8")
     max_iters: int = setting(5000, "optimizer steps in total; 1000..20000")
-    learning_rate: float = setting(2e-3, "peak AdamW step size; 1e-4..3e-3 for small models")
-    min_lr: float = setting(2e-4, "floor of the cosine decay; about learning_rate / 10")
+    learning_rate: float = setting(5e-3, "peak step size; muon 2e-3..1e-2, adamw 1e-3..3e-3")
+    min_lr_fraction: float = setting(0.1, "the cosine decay ends at this share of learning_rate")
     warmup_iters: int = setting(100, "steps of linear warmup from near 0 to learning_rate")
-    weight_decay: float = setting(0.1, "AdamW decay on weight matrices only; 0..0.2")
+    weight_decay: float = setting(0.1, "decay of weight matrices only (not biases, gains); 0..0.2")
     beta1: float = setting(0.9, "AdamW first-moment decay")
     beta2: float = setting(0.99, "AdamW second-moment decay; 0.95..0.999")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables")
@@ -116,8 +116,8 @@ class TrainConfig:
         "auto", "auto: bfloat16 (or float16) autocast on CUDA, float32 elsewhere"
     )
     compile: bool = setting(False, "wrap the model in torch.compile (falls back if it fails)")
-    optimizer: Literal["adamw", "muon"] = setting(
-        "adamw", "adamw for all weights, or muon for the blocks' matrices and adamw for the rest"
+    optimizer: Literal["muon", "adamw"] = setting(
+        "muon", "muon for the blocks' matrices and adamw for the rest, or adamw for all weights"
     )
     seed: int = setting(1337, "random seed: same seed, same run and same samples")
 
@@ -136,8 +136,8 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.min_lr <= self.learning_rate:
-            problems.append(f"min_lr must be in [0, learning_rate], got {self.min_lr}")
+        if not 0 <= self.min_lr_fraction <= 1:
+            problems.append(f"min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
         for name in ("warmup_iters", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -86,10 +86,11 @@ def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> Opt
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_iters."""
+    """Linear warmup to learning_rate, then cosine decay to min_lr_fraction of it at max_iters."""
     if step < config.warmup_iters:
         return config.learning_rate * (step + 1) / (config.warmup_iters + 1)  # never 0
     decay_steps = max(1, config.max_iters - config.warmup_iters)
     progress = min(1.0, (step - config.warmup_iters) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
-    return config.min_lr + cosine * (config.learning_rate - config.min_lr)
+    min_lr = config.min_lr_fraction * config.learning_rate
+    return min_lr + cosine * (config.learning_rate - min_lr)

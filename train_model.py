@@ -252,6 +252,8 @@ def load_configs_for_resume(
     saved_model = dataclasses.asdict(saved_model_config(checkpoint))
     saved_data = checkpoint["data_config"]
     saved_train = {**TRAIN_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint.get("train_config", {})}
+    if "min_lr" in saved_train:  # older checkpoints hold the floor itself, not its share
+        saved_train["min_lr_fraction"] = saved_train["min_lr"] / saved_train["learning_rate"]
     conflicts = check_resume_overrides(
         {k: v for k, v in saved_model.items() if k != "vocab_size"}, model_config, explicit
     )
@@ -273,7 +275,7 @@ def load_configs_for_resume(
     train.update(out_dir=train_config.out_dir, resume=True)
     try:
         resumed_train_config = TrainConfig(**train)
-    except ValueError as err:  # e.g. a new --learning_rate below the saved min_lr
+    except ValueError as err:  # cannot happen with valid saved settings, but say so if it does
         raise UserFacingError(f"with the saved run's settings: {err}") from None
     return (
         ModelConfig(**saved_model),

@@ -34,11 +34,13 @@ def test_time_to_quality_reads_the_first_time_each_target_was_reached(tmp_path):
 
 
 def test_flops_per_token_counts_weights_and_attention():
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=10))
-    weights = model.num_parameters() - 16 * 32  # position embeddings do no multiplications
-    assert bench.flops_per_token(model) == 6 * weights + 12 * 2 * 32 * 16
-    rotary = GPT(dataclasses.replace(model.config, position="rope"))
-    assert bench.flops_per_token(rotary) == bench.flops_per_token(model)  # same multiplications
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=10)
+    learned = GPT(dataclasses.replace(config, position="learned"))
+    weights = learned.num_parameters() - 16 * 32  # position embeddings do no multiplications
+    assert bench.flops_per_token(learned) == 6 * weights + 12 * 2 * 32 * 16
+    rotary = GPT(dataclasses.replace(config, position="rope"))
+    assert rotary.num_parameters() == weights
+    assert bench.flops_per_token(rotary) == bench.flops_per_token(learned)  # same multiplications
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -54,6 +56,7 @@ def test_a_training_case_reports_every_figure(optimizer):
 
 
 def test_nanogpt_shapes_train_the_way_nanogpt_does():
-    for name, (_, train_config) in bench.TRAIN_SHAPES.items():
+    for name, (model_config, train_config) in bench.TRAIN_SHAPES.items():
         if not name.startswith("defaults"):
             assert train_config.optimizer == "adamw", name
+            assert model_config.position == "learned", name

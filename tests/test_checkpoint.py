@@ -155,12 +155,13 @@ def test_no_temporary_files_are_left_after_saving(saved):
     assert not [p for p in saved.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_checkpoint_from_before_the_architecture_options_loads_as_it_was_built(saved, tmp_path):
-    checkpoint = load_checkpoint(saved)
+def test_checkpoint_from_before_rotary_positions_loads_as_it_was_built(tmp_path, tiny_corpus):
+    argv = tiny_train_argv(tmp_path / "out", tiny_corpus, position="learned")
+    run, _, _, _ = build_run(argv)
+    checkpoint = make_checkpoint(run, step=0, best_val_loss=math.inf)
     for name in MODEL_SETTINGS_BEFORE_THEY_EXISTED:
         del checkpoint["model_config"][name]  # what an older checkpoint holds
-    config = saved_model_config(checkpoint)
-    assert config.position == "learned"
+    assert saved_model_config(checkpoint).position == "learned"
     model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
     assert model.position_embedding is not None
 

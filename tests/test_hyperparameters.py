@@ -152,7 +152,7 @@ def test_configs_are_frozen():
 @pytest.mark.parametrize(
     ("cls", "kwargs"),
     [
-        (TrainConfig, {"min_lr": 1.0, "learning_rate": 0.1}),
+        (TrainConfig, {"min_lr_fraction": 1.5}),
         (TrainConfig, {"gradient_accumulation_steps": 0}),
         (DataConfig, {"val_fraction": 1.0}),
         (SampleConfig, {"temperature": -0.1}),

@@ -81,8 +81,10 @@ def test_parameter_count_matches_the_formula(tiny_model_config):
         + 4 * C * C
         + C  # feed-forward out
     )
-    expected = V * C + c.block_size * C + L * per_block + 2 * C  # + final LayerNorm
-    assert build(c).num_parameters() == expected
+    expected = V * C + L * per_block + 2 * C  # + final LayerNorm
+    assert build(c, position="rope").num_parameters() == expected
+    learned_table = c.block_size * C
+    assert build(c, position="learned").num_parameters() == expected + learned_table
 
 
 def test_initialisation_follows_gpt2():

@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 
 def test_cosine_warms_up_then_decays_to_the_floor():
-    config = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    config = TrainConfig(learning_rate=1e-3, min_lr_fraction=0.1, warmup_iters=10, max_iters=110)
     assert learning_rate_at(0, config) > 0
     warmup = [learning_rate_at(s, config) for s in range(11)]
     assert warmup == sorted(warmup)
@@ -44,7 +44,7 @@ def tiny_model(tiny_model_config) -> GPT:
 
 def test_adamw_decays_matrices_only(tiny_model_config):
     model = tiny_model(tiny_model_config)
-    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), CPU)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.1), CPU)
     assert isinstance(optimizer, torch.optim.AdamW)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1
@@ -112,31 +112,34 @@ def test_muon_run_learns_and_resumes_exactly(tmp_path, tiny_corpus, monkeypatch)
 def test_resume_refuses_another_optimizer(tmp_path, tiny_corpus, capsys):
     out_dir = tmp_path / "out"
     assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=10)) == 0
-    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20, optimizer="muon")
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20, optimizer="adamw")
     assert train_model.main([*argv, "--resume"]) == 2
     assert "optimizer" in capsys.readouterr().err
 
 
 def test_resume_keeps_saved_settings_unless_given_again(tmp_path, tiny_corpus):
     out_dir = tmp_path / "out"
-    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, learning_rate=5e-3, min_lr=1e-4)
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, learning_rate=3e-3)
     assert train_model.main(argv) == 0
     resumed = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)  # no --learning_rate
     run, start_step, _, _ = train_model.build_run([*resumed, "--resume"])
     assert start_step == 10
-    assert run.train_config.learning_rate == 5e-3
+    assert run.train_config.learning_rate == 3e-3
     assert run.train_config.max_iters == 20  # given again: the new value wins
 
 
-def test_resuming_an_older_checkpoint_keeps_its_adamw(tmp_path, tiny_corpus):
+def test_resuming_an_older_checkpoint_keeps_its_adamw_and_floor(tmp_path, tiny_corpus):
     out_dir = tmp_path / "out"
     argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, optimizer="adamw")
-    assert train_model.main(argv) == 0
+    assert train_model.main([*argv, "--learning_rate=5e-3"]) == 0
     path = out_dir / "ckpt_last.pth"
     checkpoint = load_checkpoint(path)
     del checkpoint["train_config"]["optimizer"]  # what a checkpoint from before it holds
+    del checkpoint["train_config"]["min_lr_fraction"]
+    checkpoint["train_config"]["min_lr"] = 4e-4  # an absolute floor, as older runs saved it
     save_checkpoint(path, checkpoint)
     resumed = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)
     run, _, _, _ = train_model.build_run([*resumed, "--resume"])
     assert run.train_config.optimizer == "adamw"
     assert isinstance(run.optimizer, torch.optim.AdamW)
+    assert run.train_config.min_lr_fraction == pytest.approx(4e-4 / 5e-3)

@@ -90,7 +90,7 @@ def test_rotation_keeps_lengths_and_scores_depend_only_on_distance():
 
 
 def test_rope_model_learns_no_position_table(tiny_model_config):
-    learned = build(tiny_model_config)
+    learned = build(tiny_model_config, position="learned")
     rotary = build(tiny_model_config, position="rope")
     assert rotary.position_embedding is None
     assert not any("rotary" in key for key in rotary.state_dict())  # derived, not saved

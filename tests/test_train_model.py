@@ -69,9 +69,7 @@ def test_a_learnable_corpus_reaches_a_low_loss(tmp_path):
     corpus = tmp_path / "pattern.txt"
     corpus.write_text(period * 200)
     out_dir = tmp_path / "out"
-    argv = tiny_train_argv(
-        out_dir, corpus, max_iters=200, eval_interval=100, learning_rate=1e-2, min_lr=1e-3
-    )
+    argv = tiny_train_argv(out_dir, corpus, max_iters=200, eval_interval=100, learning_rate=1e-2)
     assert train_model.main(argv) == 0
     final = read_metrics(out_dir)[-1]
     assert final["step"] == 200
