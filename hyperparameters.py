@@ -44,7 +44,7 @@ class ModelConfig:
     n_layer: int = setting(4, "transformer blocks; 2..12")
     n_head: int = setting(4, "attention heads per block; must divide n_embd")
     n_embd: int = setting(128, "width of the residual stream; 64..768")
-    block_size: int = setting(128, "context length in tokens; 32..1024")
+    block_size: int = setting(256, "context length in tokens; 32..1024")
     dropout: float = setting(0.0, "dropout probability during training; 0..0.3")
     bias: bool = setting(True, "use bias in Linear and LayerNorm layers, as GPT-2 does")
     attention: Literal["sdpa", "manual"] = setting(
@@ -94,7 +94,7 @@ class DataConfig:
 class TrainConfig:
     """How long and how fast to learn, where to write results, on which device."""
 
-    batch_size: int = setting(16, "sequences per micro-batch; 8..64 on a CPU")
+    batch_size: int = setting(8, "sequences per micro-batch; 4..64 on a CPU")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; 1..8")
     max_iters: int = setting(5000, "optimizer steps in total; 1000..20000")
     learning_rate: float = setting(5e-3, "peak step size; muon 2e-3..1e-2, adamw 1e-3..3e-3")

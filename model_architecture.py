@@ -1,12 +1,14 @@
-"""A GPT (GPT-2's architecture), written by hand so every line maps to the math.
+"""A GPT (GPT-2's architecture with rotary positions), written so every line maps to the math.
 
 The computation, for a sequence of token ids:
-    x = token_embedding(ids) + position_embedding(0..T-1)
+    x = token_embedding(ids)             (+ position_embedding(0..T-1) with learned positions)
     for each block:  x = x + attention(layer_norm(x));  x = x + feed_forward(layer_norm(x))
     logits = final_norm(x) @ token_embedding.weight^T     (the output head shares the embedding)
 Attention lets each position look back at earlier ones; the feed-forward then thinks about what
-it gathered, one position at a time. `GPT.generate` samples text from the logits, one token at a
-time, reusing earlier keys and values through a `KVCache`.
+it gathered, one position at a time. With rotary positions (the default), attention itself
+tells positions apart, by rotating each query and key by an angle that grows with its position.
+`GPT.generate` samples text from the logits, one token at a time, reusing earlier keys and
+values through a `KVCache`.
 
 Shape legend: B batch, T time (sequence length), C = n_embd, nh heads, hs = C / nh head size,
 V vocabulary size. GPT-2's names for our modules: token_embedding = wte,
@@ -337,9 +339,10 @@ def context_start(length: int, first: int, block_size: int) -> int:
 
     The window starts at `first` (the prompt's last block_size tokens) and, once the text
     outgrows it, jumps forward by half a block at a time, so the model always sees between
-    block_size // 2 + 1 and block_size tokens. Why not slide by one token? With learned absolute
-    position embeddings every kept token would move to a new position, changing all its cached
-    keys and values: sliding by one means recomputing the whole window for every new token.
+    block_size // 2 + 1 and block_size tokens. Why not slide by one token? Every kept token
+    would then sit at a new position and, from the second layer on, see one token less of the
+    past, changing all its cached keys and values (with learned or rotary positions alike):
+    sliding by one means recomputing the whole window for every new token.
     Jumping by half a block lets the cache serve block_size // 2 tokens per recomputation.
     The cached and uncached paths both follow this rule, so they give the same tokens.
     """

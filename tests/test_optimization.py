@@ -143,3 +143,22 @@ def test_resuming_an_older_checkpoint_keeps_its_adamw_and_floor(tmp_path, tiny_c
     assert run.train_config.optimizer == "adamw"
     assert isinstance(run.optimizer, torch.optim.AdamW)
     assert run.train_config.min_lr_fraction == pytest.approx(4e-4 / 5e-3)
+
+
+def test_grad_scaler_steps_the_combined_optimizer(tiny_model_config):
+    # float16 training on CUDA goes through a GradScaler; it must handle Muon + AdamW as one.
+    model = tiny_model(tiny_model_config)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), CPU)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    _, loss = model(torch.randint(0, 40, (2, 16)), torch.randint(0, 40, (2, 16)))
+    scaler.scale(loss).backward()
+    scaled = {name: p.grad.clone() for name, p in model.named_parameters()}
+    scaler.unscale_(optimizer)  # reaches the parameters of both optimizers
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, scaled[name] / 1024.0, atol=0, rtol=1e-6)
+    scaler.step(optimizer)
+    scaler.update()
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert "blocks.0.attn.qkv_proj.weight" in moved  # Muon stepped
+    assert "token_embedding.weight" in moved  # AdamW stepped
