@@ -96,7 +96,7 @@ class TrainConfig:
 
     batch_size: int = setting(8, "sequences per micro-batch; 4..64 on a CPU")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; 1..8")
-    max_iters: int = setting(5000, "optimizer steps in total; 1000..20000")
+    max_iters: int = setting(4000, "optimizer steps in total; 1000..20000")
     learning_rate: float = setting(5e-3, "peak step size; muon 2e-3..1e-2, adamw 1e-3..3e-3")
     min_lr_fraction: float = setting(0.1, "the cosine decay ends at this share of learning_rate")
     warmup_iters: int = setting(100, "steps of linear warmup from near 0 to learning_rate")

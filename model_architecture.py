@@ -56,9 +56,6 @@ def causal_attention_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
 ) -> torch.Tensor:
     """The same computation through PyTorch's fused kernel (faster, less memory)."""
-    if q.size(-2) == 1:
-        # One query (a generation step) is the newest position and may see every key: no mask.
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if q.size(-2) == k.size(-2):
         # is_causal aligns its triangle to the top-left, which is only right when Tq == Tk.
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
