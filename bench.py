@@ -15,7 +15,8 @@ is its own):
             with GPT-2 BPE, the classic 6 x 384 (block 256, batch 64), all with AdamW as
             nanoGPT trains them, and the current defaults (with their optimizer, and with AdamW)
   generate  new tokens/s for 1,000 and 2,000 tokens from a 6 x 384 character model with block
-            256, with the key/value cache and with full recomputation; time to the first token
+            256: with the key/value cache (float32 and bfloat16 weights) and with full
+            recomputation; time to the first token
   quality   wall time at which a run's validation loss first reached 2.0 ... 1.4 nats/char
 No figure here is asserted anywhere: this is a measuring tool, not a test.
 """
@@ -136,10 +137,10 @@ def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str,
     }
 
 
-def generate_speed(new_tokens: int, use_cache: bool) -> dict[str, Any]:
+def generate_speed(new_tokens: int, use_cache: bool, precision: str) -> dict[str, Any]:
     """Generate from a random-weight 6 x 384 model (speed does not depend on the weights)."""
     torch.manual_seed(0)
-    model = GPT(GENERATE_MODEL).eval()
+    model = GPT(GENERATE_MODEL).eval().to(getattr(torch, precision))
     prompt = torch.randint(0, 65, (16,)).tolist()
     generator = torch.Generator().manual_seed(0)
     list(model.generate(prompt, 8, generator=generator, use_cache=use_cache))  # warm up
@@ -221,7 +222,7 @@ def case_main(case: list[str]) -> dict[str, Any]:
         return matmul_roof()
     if kind == "train":
         return train_speed(args[0], steps=int(args[1]), compile_model=args[2] == "compile")
-    return generate_speed(int(args[0]), use_cache=args[1] == "cache")
+    return generate_speed(int(args[0]), use_cache=args[1] == "cache", precision=args[2])
 
 
 def print_report(results: dict[str, Any]) -> None:
@@ -299,10 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             mode = "compile" if args.compile else "eager"
             results["train"][name] = run_case(["train", name, str(steps), mode], args.threads)
     if "generate" in args.only:
+        cases = [("cache", "float32"), ("cache", "bfloat16"), ("recompute", "float32")]
         results["generate"] = {
-            f"{n} tokens, {mode}": run_case(["generate", str(n), mode], args.threads)
+            f"{n} tokens, {mode}, {precision}": run_case(
+                ["generate", str(n), mode, precision], args.threads
+            )
             for n in (1000, 2000)
-            for mode in ("cache", "recompute")
+            for mode, precision in cases
         }
     if args.metrics:
         results["quality"] = time_to_quality(Path(args.metrics))

@@ -164,6 +164,9 @@ class SampleConfig:
         1.0, "sample from the smallest set with this much probability; 1 disables"
     )
     use_cache: bool = setting(True, "reuse keys/values of earlier tokens (same text, faster)")
+    precision: Literal["float32", "bfloat16"] = setting(
+        "float32", "number type of weights and cache; bfloat16 reads half the memory per token"
+    )
 
     def __post_init__(self) -> None:
         problems = non_finite(self)

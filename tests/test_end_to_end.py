@@ -94,6 +94,16 @@ def test_generation_is_reproducible_and_needs_only_the_checkpoint(trained, tmp_p
     assert other_seed.stdout != first.stdout
 
 
+def test_generation_in_bfloat16_is_reproducible(trained, tmp_path):
+    args = ["--prompt=All:", "--max_new_tokens=60", "--precision=bfloat16"]
+    first = run_script(GENERATE, *args, f"--out_dir={trained / 'out'}", cwd=tmp_path)
+    second = run_script(GENERATE, *args, f"--out_dir={trained / 'out'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert first.stdout.startswith("All:")
+    assert len(first.stdout) >= len("All:") + 60
+
+
 def test_generation_from_an_explicit_checkpoint_with_several_samples(trained):
     result = run_script(
         GENERATE,

@@ -111,3 +111,14 @@ def test_context_window_jumps_by_half_a_block():
     for length in range(17, 200):
         window = length - context_start(length, 0, 16)
         assert 9 <= window <= 16  # the model always sees more than half a block
+
+
+def test_bfloat16_weights_give_close_logits_and_valid_tokens(model):
+    idx = torch.randint(0, 40, (1, 16))
+    half = GPT(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    torch.testing.assert_close(half(idx)[0].float(), model(idx)[0], atol=0.05, rtol=0)
+    tokens = generate(half, [1, 2, 3], 40)  # past block_size: the cache is bfloat16 too
+    assert len(tokens) == 40
+    assert all(0 <= t < 40 for t in tokens)
