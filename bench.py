@@ -173,7 +173,9 @@ def time_to_quality(metrics_path: Path) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def full_validation_loss(checkpoint_path: Path, batch_size: int = 32) -> dict[str, float]:
+def full_validation_loss(
+    checkpoint_path: Path, precision: str = "float32", batch_size: int = 32
+) -> dict[str, float]:
     """A checkpoint's loss on the whole validation split, not a sample of batches.
 
     The split is cut into consecutive, non-overlapping windows of block_size tokens, and every
@@ -181,6 +183,7 @@ def full_validation_loss(checkpoint_path: Path, batch_size: int = 32) -> dict[st
     """
     checkpoint = load_checkpoint(checkpoint_path)
     model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model = model.to(getattr(torch, precision))
     data_config = DataConfig(**checkpoint["data_config"])
     text = read_corpus(resolve_corpus(data_config.data))
     tokens = encode_corpus(text, tokenizer, Path(data_config.cache_dir))
@@ -192,7 +195,7 @@ def full_validation_loss(checkpoint_path: Path, batch_size: int = 32) -> dict[st
     total = 0.0
     for start in range(0, n_windows, batch_size):
         _, loss = model(inputs[start : start + batch_size], targets[start : start + batch_size])
-        total += loss.item() * len(inputs[start : start + batch_size])
+        total += loss.float().item() * len(inputs[start : start + batch_size])
     nats_per_token = total / n_windows
     scored_chars = len(tokenizer.decode(targets.flatten().tolist()))
     nats_per_char = nats_per_token * n_windows * block / scored_chars
@@ -262,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", help="a run's metrics.jsonl, for time-to-quality")
     parser.add_argument("--full_val", help="a checkpoint: its loss on the whole validation split")
     parser.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="--full_val's weights: float32, or bfloat16 as generate_text.py can use",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=torch.get_num_threads(),
@@ -311,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics:
         results["quality"] = time_to_quality(Path(args.metrics))
     if args.full_val:
-        results["full_validation"] = full_validation_loss(Path(args.full_val))
+        results["full_validation"] = full_validation_loss(Path(args.full_val), args.precision)
     print_report(results)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"figures written to {args.json}")
