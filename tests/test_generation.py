@@ -25,10 +25,14 @@ def generate(model, prompt, n, seed=0, **kwargs):
     return list(model.generate(prompt, max_new_tokens=n, generator=generator, **kwargs))
 
 
+@pytest.mark.parametrize("position", ["rope", "learned"])
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])
-def test_cached_and_uncached_generation_give_the_same_tokens(tiny_model_config, attention):
+def test_cached_and_uncached_generation_give_the_same_tokens(
+    tiny_model_config, attention, position
+):
     torch.manual_seed(0)
-    model = GPT(dataclasses.replace(tiny_model_config, attention=attention)).eval()
+    config = dataclasses.replace(tiny_model_config, attention=attention, position=position)
+    model = GPT(config).eval()
     # 3 prompt tokens + 40 new ones: well past block_size (16), so the window slides.
     cached = generate(model, [1, 2, 3], 40, temperature=1.0, use_cache=True)
     uncached = generate(model, [1, 2, 3], 40, temperature=1.0, use_cache=False)

@@ -14,15 +14,18 @@ import torch
 from hyperparameters import ModelConfig
 from model_architecture import GPT, KVCache, causal_attention_manual, causal_attention_sdpa
 
+POSITIONS = ["rope", "learned"]  # every guarantee holds for both ways of encoding position
+
 
 def build(config, **changes):
     torch.manual_seed(0)
     return GPT(dataclasses.replace(config, **changes))
 
 
-def test_sdpa_and_manual_attention_give_same_logits_and_gradients(tiny_model_config):
-    manual = build(tiny_model_config, attention="manual")
-    fused = build(tiny_model_config, attention="sdpa")
+@pytest.mark.parametrize("position", POSITIONS)
+def test_sdpa_and_manual_attention_give_same_logits_and_gradients(tiny_model_config, position):
+    manual = build(tiny_model_config, attention="manual", position=position)
+    fused = build(tiny_model_config, attention="sdpa", position=position)
     fused.load_state_dict(manual.state_dict())
     idx = torch.randint(0, 40, (3, 16))
     targets = torch.randint(0, 40, (3, 16))
@@ -50,9 +53,10 @@ def test_attention_kernels_agree_when_queries_are_the_last_positions(t_query, t_
     torch.testing.assert_close(manual[:, :, -1:], weights @ v, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])
-def test_logits_at_t_ignore_tokens_after_t(tiny_model_config, attention):
-    model = build(tiny_model_config, attention=attention).eval()
+def test_logits_at_t_ignore_tokens_after_t(tiny_model_config, attention, position):
+    model = build(tiny_model_config, attention=attention, position=position).eval()
     idx = torch.randint(0, 40, (1, 16))
     changed = idx.clone()
     changed[0, 10:] = (changed[0, 10:] + 7) % 40
@@ -118,9 +122,10 @@ def test_causal_mask_is_not_saved_in_the_state_dict(tiny_model_config):
     assert not any("mask" in key for key in build(tiny_model_config).state_dict())
 
 
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])
-def test_cached_forward_matches_full_forward(tiny_model_config, attention):
-    model = build(tiny_model_config, attention=attention).eval()
+def test_cached_forward_matches_full_forward(tiny_model_config, attention, position):
+    model = build(tiny_model_config, attention=attention, position=position).eval()
     idx = torch.randint(0, 40, (1, 12))
     full, _ = model(idx)
     cache = KVCache(model, batch_size=1)
