@@ -27,9 +27,7 @@ REQUIRED_KEYS = ("format_version", "model_config", "tokenizer", "model")
 HOW_TO_TRAIN = "train one with `python train_model.py`"
 # Settings added after format version 1 was fixed: a checkpoint without them was made the way
 # these values say, whatever today's defaults are.
-MODEL_SETTINGS_BEFORE_THEY_EXISTED = {
-    "position": "learned",
-}
+MODEL_SETTINGS_BEFORE_THEY_EXISTED = {"position": "learned"}
 TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw"}
 
 
