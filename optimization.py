@@ -2,8 +2,8 @@
 
 AdamW scales each weight's step by a running estimate of its gradient's size. Muon
 (Jordan et al., 2024) treats a weight matrix as a whole: it takes the momentum of the gradient
-and replaces it by the nearest orthogonal matrix (a few Newton-Schulz iterations), so every
-direction of the matrix moves by the same amount instead of the few that dominate the gradient.
+and replaces it by (nearly) the closest orthogonal matrix, found by a few Newton-Schulz steps,
+so every direction of the matrix moves by the same amount, not just the few that dominate.
 Muon only applies to the blocks' 2-D weight matrices; embeddings, biases and norm gains stay
 with AdamW.
 """
