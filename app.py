@@ -58,10 +58,11 @@ class LoadedModel:
     facts: dict[str, Any]
 
 
-def load_model(path: Path, device: torch.device) -> LoadedModel:
+def load_model(path: Path, device: torch.device, precision: str = "float32") -> LoadedModel:
     """Load a checkpoint for the demo (a UserFacingError says why it cannot be used)."""
     checkpoint = load_checkpoint(path)
     model, tokenizer = model_from_checkpoint(checkpoint, device)
+    model = model.to(getattr(torch, precision))  # bfloat16: half the memory read per token
     config = model.config
     tokens_per_char = checkpoint.get("tokens_per_char", {}).get("val")
     best = checkpoint.get("best_val_loss", math.inf)
@@ -198,7 +199,7 @@ def attention_image(loaded: LoadedModel, prompt: str) -> tuple[Any, str]:
         prompt_ids = prompt_ids[:limit]
         note = "; ".join(filter(None, [note, f"showing the first {limit} tokens"]))
     device = loaded.model.token_embedding.weight.device
-    maps = loaded.model.attention_maps(torch.tensor([prompt_ids], device=device)).cpu()
+    maps = loaded.model.attention_maps(torch.tensor([prompt_ids], device=device)).float().cpu()
     n_layer, n_head = maps.shape[:2]
     labels = token_labels(loaded.tokenizer, prompt_ids)
     cell = max(2.2, 0.16 * len(labels))
@@ -318,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(
         __doc__,
         [
-            (SampleConfig, ["ckpt", "temperature", "top_k", "top_p", "max_new_tokens"]),
+            (
+                SampleConfig,
+                ["ckpt", "temperature", "top_k", "top_p", "max_new_tokens", "precision"],
+            ),
             (TrainConfig, ["out_dir", "device"]),
         ],
     )
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(sample_config.ckpt or Path(train_config.out_dir) / "ckpt_best.pth")
     loaded, problem = None, ""
     try:
-        loaded = load_model(path, resolve_device(train_config.device))
+        loaded = load_model(path, resolve_device(train_config.device), sample_config.precision)
     except UserFacingError as err:
         problem = f"{err}. Then restart `python app.py`."
         print_error(PROG, UserFacingError(problem))

@@ -95,6 +95,16 @@ def test_generation_streams_growing_text_and_repeats_with_a_seed(loaded, monkeyp
     assert again == texts[-1]
 
 
+def test_bfloat16_model_generates_and_draws_attention(checkpoint_path, monkeypatch):
+    monkeypatch.setattr(app, "STREAM_INTERVAL_S", 0.0)
+    half = app.load_model(checkpoint_path, torch.device("cpu"), precision="bfloat16")
+    assert half.model.token_embedding.weight.dtype == torch.bfloat16
+    text = list(app.generate_stream(half, "All:", 0.8, 0, 1.0, 30, 7))[-1][0]
+    assert len(text) == len("All:") + 30
+    image, _ = app.attention_image(half, "All: speak")
+    assert image.width > 200
+
+
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p", "max_new", "seed"),
     [
