@@ -100,7 +100,7 @@ class TrainConfig:
     learning_rate: float = setting(5e-3, "peak step size; muon 2e-3..1e-2, adamw 1e-3..3e-3")
     min_lr_fraction: float = setting(0.1, "the cosine decay ends at this share of learning_rate")
     warmup_iters: int = setting(100, "steps of linear warmup from near 0 to learning_rate")
-    weight_decay: float = setting(0.1, "decay of weight matrices only (not biases, gains); 0..0.2")
+    weight_decay: float = setting(0.3, "decay of weight matrices only (not biases, gains); 0..0.5")
     beta1: float = setting(0.9, "AdamW first-moment decay")
     beta2: float = setting(0.99, "AdamW second-moment decay; 0.95..0.999")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables")
