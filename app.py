@@ -61,8 +61,7 @@ class LoadedModel:
 def load_model(path: Path, device: torch.device, precision: str = "float32") -> LoadedModel:
     """Load a checkpoint for the demo (a UserFacingError says why it cannot be used)."""
     checkpoint = load_checkpoint(path)
-    model, tokenizer = model_from_checkpoint(checkpoint, device)
-    model = model.to(getattr(torch, precision))  # bfloat16: half the memory read per token
+    model, tokenizer = model_from_checkpoint(checkpoint, device, precision)
     config = model.config
     tokens_per_char = checkpoint.get("tokens_per_char", {}).get("val")
     best = checkpoint.get("best_val_loss", math.inf)

@@ -182,8 +182,7 @@ def full_validation_loss(
     token of every window is scored (so early positions see less context, as in training).
     """
     checkpoint = load_checkpoint(checkpoint_path)
-    model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"))
-    model = model.to(getattr(torch, precision))
+    model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"), precision)
     data_config = DataConfig(**checkpoint["data_config"])
     text = read_corpus(resolve_corpus(data_config.data))
     tokens = encode_corpus(text, tokenizer, Path(data_config.cache_dir))

@@ -77,9 +77,13 @@ def saved_model_config(checkpoint: dict[str, Any]) -> ModelConfig:
 
 
 def model_from_checkpoint(
-    checkpoint: dict[str, Any], device: torch.device
+    checkpoint: dict[str, Any], device: torch.device, precision: str = "float32"
 ) -> tuple[GPT, Tokenizer]:
-    """Rebuild the model (in eval mode, on `device`) and its tokenizer from a checkpoint alone."""
+    """Rebuild the model (in eval mode, on `device`) and its tokenizer from a checkpoint alone.
+
+    precision "bfloat16" halves the weights' size: generating a token reads every weight once,
+    so that makes generation faster.
+    """
     model_config = saved_model_config(checkpoint)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size != model_config.vocab_size:
@@ -95,4 +99,4 @@ def model_from_checkpoint(
         details = str(err).strip().splitlines()
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device, getattr(torch, precision)).eval(), tokenizer

@@ -104,10 +104,11 @@ class CausalSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.residual_dropout = nn.Dropout(config.dropout)
-        self.rotary = config.position == "rope"
-        if self.rotary:  # derived from the config, so not saved either
+        # Rotary angles (None with learned positions): derived from the config, so not saved.
+        tables = None
+        if config.position == "rope":
             tables = rotary_tables(config.block_size, config.n_embd // config.n_head)
-            self.register_buffer("rotary_tables", tables, persistent=False)
+        self.register_buffer("rotary_tables", tables, persistent=False)
         # Lower triangle: position i may attend to positions 0..i. Built once; not saved in
         # checkpoints (persistent=False) because it is derived from block_size.
         mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
@@ -122,7 +123,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.rotary:
+        if self.rotary_tables is not None:
             tables = self.rotary_tables[:, start : start + T]  # (2, T, hs/2)
             q, k = apply_rotary(q, tables), apply_rotary(k, tables)
         return q, k, v

@@ -59,10 +59,14 @@ def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> Opt
     # Muon takes the blocks' matrices (attention and feed-forward projections), not the
     # embedding: its rows are looked up one token at a time, not multiplied as a whole.
     muon = config.optimizer == "muon"
-    for_muon = [muon and name.startswith("blocks.") and p.dim() == 2 for name, p in named]
-    muon_matrices = [p for (_, p), m in zip(named, for_muon, strict=True) if m]
-    matrices = [p for (_, p), m in zip(named, for_muon, strict=True) if p.dim() >= 2 and not m]
-    others = [p for _, p in named if p.dim() < 2]
+    muon_matrices, matrices, others = [], [], []
+    for name, p in named:
+        if muon and name.startswith("blocks.") and p.dim() == 2:
+            muon_matrices.append(p)
+        elif p.dim() >= 2:
+            matrices.append(p)  # AdamW, with weight decay
+        else:
+            others.append(p)  # biases and norm gains: AdamW, no decay
     adamw = torch.optim.AdamW(
         [
             {"params": matrices, "weight_decay": config.weight_decay},

@@ -228,60 +228,41 @@ class StopRequest:
 # Setting up a run
 
 
-def check_resume_overrides(saved: dict[str, Any], config: Any, explicit: set[str]) -> list[str]:
-    """Names of options given on the command line that contradict the resumed run."""
-    return [
-        name
-        for name, value in saved.items()
-        if name in explicit and getattr(config, name, value) != value
-    ]
-
-
 def load_configs_for_resume(
-    checkpoint: dict[str, Any],
-    configs: tuple[ModelConfig, DataConfig, TrainConfig],
-    explicit: set[str],
+    checkpoint: dict[str, Any], given: dict[str, Any], out_dir: str
 ) -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    """The resumed run's settings: the saved ones, with options given now where allowed.
+    """The resumed run's settings: the saved ones, with the options given now where allowed.
 
     The model, the data and the optimizer cannot change (contradicting options are a user
-    error); other training settings (max_iters, learning_rate, ...) may, and out_dir is where
-    the checkpoint was found.
+    error); other training settings (max_iters, learning_rate, ...) may; out_dir is where the
+    checkpoint was found, and --data may point at a corpus that moved.
     """
-    model_config, data_config, train_config = configs
     saved_model = dataclasses.asdict(saved_model_config(checkpoint))
     saved_data = checkpoint["data_config"]
     saved_train = {**TRAIN_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint.get("train_config", {})}
     if "min_lr" in saved_train:  # older checkpoints hold the floor itself, not its share
         saved_train["min_lr_fraction"] = saved_train["min_lr"] / saved_train["learning_rate"]
-    conflicts = check_resume_overrides(
-        {k: v for k, v in saved_model.items() if k != "vocab_size"}, model_config, explicit
-    )
-    conflicts += check_resume_overrides(
-        {k: v for k, v in saved_data.items() if k != "data"}, data_config, explicit
-    )
-    conflicts += check_resume_overrides(
-        {"optimizer": saved_train["optimizer"]}, train_config, explicit
-    )
+    fixed = {**saved_model, **saved_data, "optimizer": saved_train["optimizer"]}
+    conflicts = [
+        name
+        for name, value in fixed.items()
+        if name in given and name != "data" and given[name] != value
+    ]
     if conflicts:
         raise UserFacingError(
             f"--resume keeps the saved run's {', '.join(conflicts)}; drop those options or "
             "start a new run in another --out_dir"
         )
-    data = data_config.data if "data" in explicit else saved_data["data"]
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = {k: v for k, v in saved_train.items() if k in train_fields}
-    train.update({k: getattr(train_config, k) for k in train_fields if k in explicit})
-    train.update(out_dir=train_config.out_dir, resume=True)
+    train = {k: v for k, v in {**saved_train, **given}.items() if k in train_fields}
     try:
-        resumed_train_config = TrainConfig(**train)
-    except ValueError as err:  # cannot happen with valid saved settings, but say so if it does
-        raise UserFacingError(f"with the saved run's settings: {err}") from None
-    return (
-        ModelConfig(**saved_model),
-        DataConfig(**{**saved_data, "data": data}),
-        resumed_train_config,
-    )
+        return (
+            ModelConfig(**saved_model),
+            DataConfig(**{**saved_data, "data": given.get("data", saved_data["data"])}),
+            TrainConfig(**{**train, "out_dir": out_dir, "resume": True}),
+        )
+    except (TypeError, ValueError) as err:  # a damaged or hand-edited checkpoint
+        raise UserFacingError(f"the saved run's settings are not valid ({err})") from None
 
 
 def prepare_data(
@@ -352,7 +333,7 @@ def read_settings(
         return model_config, data_config, train_config, None
     checkpoint = load_checkpoint(Path(train_config.out_dir) / "ckpt_last.pth")
     model_config, data_config, train_config = load_configs_for_resume(
-        checkpoint, (model_config, data_config, train_config), set(given)
+        checkpoint, given, train_config.out_dir
     )
     if checkpoint["step"] >= train_config.max_iters:
         raise UserFacingError(

@@ -1,12 +1,10 @@
-"""Optimizers and schedules: which weights each optimizer moves, the learning-rate curves, and
-that a run keeps its optimizer (and its state) across --resume.
+"""Optimizers and schedules: which weights each optimizer moves, the learning-rate curve, and
+which settings --resume keeps (exact resumption itself: test_train_model.py).
 
 Run alone: python -m pytest tests/test_optimization.py
 """
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -78,43 +76,6 @@ def test_one_learning_rate_reaches_every_group(tiny_model_config):
     for group in optimizer.param_groups:
         group["lr"] = 0.123
     assert all(g["lr"] == 0.123 for o in optimizer.optimizers for g in o.param_groups)
-
-
-def read_losses(out_dir):
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
-
-
-def test_muon_run_learns_and_resumes_exactly(tmp_path, tiny_corpus, monkeypatch):
-    from test_train_model import stop_after
-
-    options = {"optimizer": "muon", "eval_interval": 5}
-    straight = tmp_path / "straight"
-    assert train_model.main(tiny_train_argv(straight, tiny_corpus, **options)) == 0
-    losses = read_losses(straight)
-    assert losses[-1][2] < losses[0][2] - 0.2  # validation loss fell
-
-    resumed = tmp_path / "resumed"
-    with monkeypatch.context() as patch:
-        stop_after(8, patch)
-        assert train_model.main(tiny_train_argv(resumed, tiny_corpus, **options)) == 130
-    # Resuming needs no options repeated: the checkpoint carries the optimizer and the rest.
-    argv = tiny_train_argv(resumed, tiny_corpus)
-    argv = [a for a in argv if not a.startswith(("--max_iters", "--eval_interval"))]
-    assert train_model.main([*argv, "--resume"]) == 0
-    assert read_losses(resumed) == losses
-    weights_a = load_checkpoint(straight / "ckpt_last.pth")["model"]
-    weights_b = load_checkpoint(resumed / "ckpt_last.pth")["model"]
-    for name, tensor in weights_a.items():
-        assert torch.equal(tensor, weights_b[name]), name
-
-
-def test_resume_refuses_another_optimizer(tmp_path, tiny_corpus, capsys):
-    out_dir = tmp_path / "out"
-    assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=10)) == 0
-    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20, optimizer="adamw")
-    assert train_model.main([*argv, "--resume"]) == 2
-    assert "optimizer" in capsys.readouterr().err
 
 
 def test_resume_keeps_saved_settings_unless_given_again(tmp_path, tiny_corpus):

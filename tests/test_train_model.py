@@ -104,8 +104,12 @@ def stop_after(steps: int, monkeypatch) -> None:
     monkeypatch.setattr(train_model, "train_step", counting_step)
 
 
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_corpus, monkeypatch):
-    options = {"dropout": 0.1, "eval_interval": 5}  # dropout: the RNG state must resume too
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(
+    tmp_path, tiny_corpus, monkeypatch, optimizer
+):
+    # dropout: the RNG state must resume too; the optimizer's state must come back whole.
+    options = {"dropout": 0.1, "eval_interval": 5, "optimizer": optimizer}
     straight = tmp_path / "straight"
     assert train_model.main(tiny_train_argv(straight, tiny_corpus, **options)) == 0
 
@@ -114,7 +118,9 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_corp
         stop_after(8, patch)
         assert train_model.main(tiny_train_argv(resumed, tiny_corpus, **options)) == 130
     assert load_checkpoint(resumed / "ckpt_last.pth")["step"] == 8
-    assert train_model.main([*tiny_train_argv(resumed, tiny_corpus, **options), "--resume"]) == 0
+    # Nothing needs repeating: the checkpoint carries every setting.
+    resume_argv = [f"--out_dir={resumed}", f"--data={tiny_corpus}", "--resume"]
+    assert train_model.main(resume_argv) == 0
 
     def losses(out_dir):
         return [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(out_dir)]
@@ -126,12 +132,17 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_corp
         assert torch.equal(tensor, weights_b[name]), name
 
 
-def test_resume_refuses_a_conflicting_architecture(tmp_path, tiny_corpus, capsys):
+@pytest.mark.parametrize(
+    ("name", "value"), [("n_layer", 3), ("position", "learned"), ("optimizer", "adamw")]
+)
+def test_resume_refuses_a_conflicting_model_or_optimizer(
+    tmp_path, tiny_corpus, capsys, name, value
+):
     out_dir = tmp_path / "out"
     assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=10)) == 0
-    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20, n_layer=3)
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20, **{name: value})
     assert train_model.main([*argv, "--resume"]) == 2
-    assert "n_layer" in capsys.readouterr().err
+    assert f"keeps the saved run's {name}" in capsys.readouterr().err
 
 
 def test_resume_without_a_checkpoint_says_how_to_start(tmp_path, tiny_corpus, capsys):
