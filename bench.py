@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import resource
 import statistics
 import subprocess
@@ -38,13 +37,13 @@ from typing import Any
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from data_handling import encode_corpus, read_corpus, resolve_corpus, split_tokens
-from devices import Distributed
-from hyperparameters import DataConfig, ModelConfig, TrainConfig
-from model_architecture import GPT
+from checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
+from data_handling import load_splits
+from hyperparameters import ModelConfig, TrainConfig
+from model_architecture import GPT, generate
 from optimization import make_optimizer
 from train_model import Run, train_step
+from training_log import bits_per_char, nats_per_char, read_history
 
 CHARS, GPT2_TOKENS = 65, 50257  # vocabulary sizes: Tiny Shakespeare's characters, GPT-2 BPE
 SIX_BY_384 = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS)
@@ -110,21 +109,17 @@ def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str,
         optimizer=make_optimizer(model, train_config, device),
         scaler=torch.amp.GradScaler("cpu", enabled=False),
         splits={"train": torch.randint(0, model_config.vocab_size, (200_000,))},
-        tokens_per_char={"train": 1.0},
-        batch_generator=torch.Generator().manual_seed(0),
+        config=train_config,
         device=device,
         autocast=contextlib.nullcontext(),
-        model_config=model_config,
-        data_config=None,  # type: ignore[arg-type] - not used by train_step
-        train_config=train_config,
-        tokenizer=None,  # type: ignore[arg-type] - not used by train_step
-        distributed=Distributed(),
     )
-    train_step(run, 0).item()  # warm up: allocations, kernel selection
+    state = TrainingState(batch_generator=torch.Generator().manual_seed(0))
+    train_step(run, state).item()  # warm up: allocations, kernel selection
     seconds = []
     for step in range(1, steps + 1):
+        state.step = step
         start = time.perf_counter()
-        train_step(run, step).item()
+        train_step(run, state).item()
         seconds.append(time.perf_counter() - start)
     step_s = statistics.median(seconds)
     tokens_per_s = run.tokens_per_step() / step_s
@@ -143,9 +138,9 @@ def generate_speed(new_tokens: int, use_cache: bool, precision: str) -> dict[str
     model = GPT(GENERATE_MODEL).eval().to(getattr(torch, precision))
     prompt = torch.randint(0, 65, (16,)).tolist()
     generator = torch.Generator().manual_seed(0)
-    list(model.generate(prompt, 8, generator=generator, use_cache=use_cache))  # warm up
+    list(generate(model, prompt, 8, generator=generator, use_cache=use_cache))  # warm up
     start = time.perf_counter()
-    stream = model.generate(prompt, new_tokens, generator=generator, use_cache=use_cache)
+    stream = generate(model, prompt, new_tokens, generator=generator, use_cache=use_cache)
     next(stream)
     first_token_s = time.perf_counter() - start
     count = 1 + sum(1 for _ in stream)
@@ -160,14 +155,13 @@ def generate_speed(new_tokens: int, use_cache: bool, precision: str) -> dict[str
 
 def time_to_quality(metrics_path: Path) -> dict[str, Any]:
     """When (wall seconds into training) a run's validation loss first reached each target."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_history(metrics_path)
     reached: dict[str, Any] = {}
     for target in QUALITY_TARGETS:
-        # val_bpc is bits per character; nats per character = bits x ln 2.
-        hit = next((r for r in rows if r["val_bpc"] * math.log(2) <= target), None)
+        hit = next((r for r in rows if nats_per_char(r["val_bpc"]) <= target), None)
         reached[f"{target:.2f} nats/char"] = hit["elapsed_s"] if hit else None
     best = min(rows, key=lambda r: r["val_bpc"])
-    reached["best nats/char"] = best["val_bpc"] * math.log(2)
+    reached["best nats/char"] = nats_per_char(best["val_bpc"])
     reached["best at s"] = best["elapsed_s"]
     return reached
 
@@ -183,11 +177,8 @@ def full_validation_loss(
     """
     checkpoint = load_checkpoint(checkpoint_path)
     model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"), precision)
-    data_config = DataConfig(**checkpoint["data_config"])
-    text = read_corpus(resolve_corpus(data_config.data))
-    tokens = encode_corpus(text, tokenizer, Path(data_config.cache_dir))
     block = model.config.block_size
-    _, val = split_tokens(tokens, data_config.val_fraction, block)
+    val = load_splits(saved_settings(checkpoint).data, block, tokenizer).tokens["val"]
     n_windows = (len(val) - 1) // block
     inputs = val[: n_windows * block].view(n_windows, block)
     targets = val[1 : n_windows * block + 1].view(n_windows, block)
@@ -196,12 +187,12 @@ def full_validation_loss(
         _, loss = model(inputs[start : start + batch_size], targets[start : start + batch_size])
         total += loss.float().item() * len(inputs[start : start + batch_size])
     nats_per_token = total / n_windows
-    scored_chars = len(tokenizer.decode(targets.flatten().tolist()))
-    nats_per_char = nats_per_token * n_windows * block / scored_chars
+    tokens_per_char = n_windows * block / len(tokenizer.decode(targets.flatten().tolist()))
+    bits = bits_per_char(nats_per_token, tokens_per_char)
     return {
         "val_nats_per_token": nats_per_token,
-        "val_nats_per_char": nats_per_char,
-        "val_bits_per_char": nats_per_char / math.log(2),
+        "val_nats_per_char": nats_per_char(bits),
+        "val_bits_per_char": bits,
         "tokens_scored": n_windows * block,
     }
 
@@ -249,8 +240,8 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"quality {target}: {seconds if seconds is not None else 'not reached'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the chosen measurements, print them, write the JSON file; returns the status."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: which measurements, and on what."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -292,30 +283,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default="bench.json", help="where to write the figures")
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)  # one measuring process
-    args = parser.parse_args(argv)
+    return parser
+
+
+def measure_training(args: argparse.Namespace) -> dict[str, Any]:
+    """Training figures for each chosen shape, each shape in its own process."""
+    mode = "compile" if args.compile else "eager"
+    figures = {}
+    for name in args.shapes:
+        steps = 3 if name.startswith("6x384") else args.train_steps  # 6x384: ~10 s a step
+        figures[name] = run_case(["train", name, str(steps), mode], args.threads)
+    return figures
+
+
+def measure_generation(threads: int) -> dict[str, Any]:
+    """Generation figures for 1,000 and 2,000 tokens, cached and not, each in its own process."""
+    cases = [("cache", "float32"), ("cache", "bfloat16"), ("recompute", "float32")]
+    return {
+        f"{n} tokens, {mode}, {precision}": run_case(["generate", str(n), mode, precision], threads)
+        for n in (1000, 2000)
+        for mode, precision in cases
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen measurements, print them, write the JSON file; returns the status."""
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.case:
         print(json.dumps(case_main(args.case)))
         return 0
-
     results: dict[str, Any] = {"threads": args.threads, "torch": str(torch.__version__)}
     if "roof" in args.only:
         results["roof"] = run_case(["roof"], args.threads)
     if "train" in args.only:
-        results["train"] = {}
-        for name in args.shapes:
-            steps = 3 if name.startswith("6x384") else args.train_steps
-            mode = "compile" if args.compile else "eager"
-            results["train"][name] = run_case(["train", name, str(steps), mode], args.threads)
+        results["train"] = measure_training(args)
     if "generate" in args.only:
-        cases = [("cache", "float32"), ("cache", "bfloat16"), ("recompute", "float32")]
-        results["generate"] = {
-            f"{n} tokens, {mode}, {precision}": run_case(
-                ["generate", str(n), mode, precision], args.threads
-            )
-            for n in (1000, 2000)
-            for mode, precision in cases
-        }
+        results["generate"] = measure_generation(args.threads)
     if args.metrics:
         results["quality"] = time_to_quality(Path(args.metrics))
     if args.full_val:

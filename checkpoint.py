@@ -1,26 +1,37 @@
-"""Saving and loading checkpoints, in one place for training, generation and the web demo.
+"""The checkpoint format, in one place: making, saving, loading and restoring checkpoints.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 `torch.load(..., weights_only=True)`, which never runs code hidden in a file:
 
-    format_version, model_config, data_config, train_config   (dataclasses as dicts)
+    format_version   FORMAT_VERSION
+    model_config, data_config, train_config   the run's settings (dataclasses as dicts)
     tokenizer        {"kind": "char", "chars": ...} or {"kind": "bpe", "encoding": "gpt2", ...}
-    model            the raw model's state_dict (never a torch.compile wrapper's)
-    optimizer, step, best_val_loss, tokens_seen, rng, torch_version
+    model            the raw model's state_dict (never a torch.compile or DDP wrapper's)
+    optimizer, scaler               their state_dicts, to resume exactly
+    step, best_val_loss, tokens_seen, elapsed_s   the run's progress
+    tokens_per_char  {"train": ..., "val": ...}: turns a loss per token into one per character
+    rng              the random streams: torch's (dropout), the batches', CUDA's if any
+    torch_version    for diagnostics
+
+Checkpoints written by earlier versions of the project lack some settings; the values they
+were made with are filled in here (`saved_settings`), and nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data_handling import Tokenizer, tokenizer_from_dict, write_atomically
-from hyperparameters import ModelConfig, UserFacingError, first_line
+from common import UserFacingError, first_line, write_atomically
+from data_handling import Tokenizer, tokenizer_from_dict
+from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
+from optimization import Optimizer
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "tokenizer", "model")
@@ -29,6 +40,62 @@ HOW_TO_TRAIN = "train one with `python train_model.py`"
 # these values say, whatever today's defaults are.
 MODEL_SETTINGS_BEFORE_THEY_EXISTED = {"position": "learned"}
 TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw"}
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Where a training run stands: its progress, its evaluations and its batch stream."""
+
+    batch_generator: torch.Generator  # draws the training batches
+    step: int = 0  # optimizer steps done
+    best_val_loss: float = math.inf
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # seconds of training and evaluation, over every session of the run
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl rows
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDescription:
+    """What a checkpoint says about its run besides weights and progress."""
+
+    settings: RunSettings
+    tokenizer: Tokenizer
+    tokens_per_char: dict[str, float]  # of the corpus' "train" and "val" splits
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def make_checkpoint(
+    model: GPT,
+    optimizer: Optimizer,
+    scaler: torch.amp.GradScaler,
+    description: RunDescription,
+    state: TrainingState,
+) -> dict[str, Any]:
+    """A weights_only-safe dict with everything needed to generate from or resume a run."""
+    rng = {"torch": torch.get_rng_state(), "batches": state.batch_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    settings = description.settings
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_config": dataclasses.asdict(settings.model),
+        "data_config": dataclasses.asdict(settings.data),
+        "train_config": dataclasses.asdict(settings.train),
+        "tokenizer": description.tokenizer.to_dict(),
+        "model": model.state_dict(),  # the raw module: no torch.compile key prefixes
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": state.step,
+        "best_val_loss": state.best_val_loss,
+        "tokens_seen": state.tokens_seen,
+        "elapsed_s": state.elapsed_s,
+        "tokens_per_char": description.tokens_per_char,
+        "rng": rng,
+        "torch_version": str(torch.__version__),  # a plain str: weights_only-safe
+    }
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -40,6 +107,10 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     except OSError as err:
         reason = err.strerror or str(err)
         raise OSError(f"could not save {path} ({reason}); the previous file is intact") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -66,14 +137,34 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def _known_fields(config_class: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a saved config that config_class still has (retired ones are dropped)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return {name: value for name, value in saved.items() if name in known}
+
+
 def saved_model_config(checkpoint: dict[str, Any]) -> ModelConfig:
     """The model settings a checkpoint was trained with."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
     saved = {**MODEL_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["model_config"]}
     try:
-        return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+        return ModelConfig(**_known_fields(ModelConfig, saved))
     except (TypeError, ValueError) as err:
         raise UserFacingError(f"checkpoint holds an invalid model config ({err})") from None
+
+
+def saved_settings(checkpoint: dict[str, Any]) -> RunSettings:
+    """Every setting a checkpoint's run was made with, as this version of the project names them."""
+    train = {**TRAIN_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint.get("train_config", {})}
+    if "min_lr" in train:  # older checkpoints hold the schedule's floor itself, not its share
+        train["min_lr_fraction"] = train["min_lr"] / train["learning_rate"]
+    try:
+        return RunSettings(
+            model=saved_model_config(checkpoint),
+            data=DataConfig(**_known_fields(DataConfig, checkpoint["data_config"])),
+            train=TrainConfig(**_known_fields(TrainConfig, train)),
+        )
+    except (KeyError, TypeError, ValueError) as err:  # a damaged or hand-edited checkpoint
+        raise UserFacingError(f"the saved run's settings are not valid ({err})") from None
 
 
 def model_from_checkpoint(
@@ -100,3 +191,36 @@ def model_from_checkpoint(
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
     return model.to(device, getattr(torch, precision)).eval(), tokenizer
+
+
+def restore_training_state(
+    checkpoint: dict[str, Any],
+    optimizer: Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch_generator: torch.Generator,
+    history: list[dict[str, Any]],
+    restore_random_streams: bool,
+) -> TrainingState:
+    """Put the optimizer back where the run left it; return the run's progress.
+
+    `history` holds the run's evaluations up to the checkpoint's step (from metrics.jsonl).
+    With restore_random_streams, the batch generator and torch's generator (dropout) continue
+    where they stopped, so the same batches and masks follow; under torchrun only process 0
+    does that, since the saved streams are process 0's.
+    """
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if restore_random_streams:
+        batch_generator.set_state(checkpoint["rng"]["batches"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return TrainingState(
+        batch_generator=batch_generator,
+        step=checkpoint["step"],
+        best_val_loss=checkpoint["best_val_loss"],
+        tokens_seen=checkpoint.get("tokens_seen", 0),
+        # Older checkpoints do not hold the time; their last logged evaluation does.
+        elapsed_s=checkpoint.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0),
+        history=history,
+    )

@@ -7,16 +7,16 @@
 3. Cache the token ids on disk, so the next run skips encoding.
 4. Split the ids into train (the start) and validation (the end), and draw random windows
    as batches with `get_batch`.
+`load_splits` does steps 1 to 4 for training and the benchmark, and counts each split's
+characters, so that losses can be given per character whatever the tokenizer.
 """
 
 from __future__ import annotations
 
 import codecs
-import hashlib
+import dataclasses
 import io
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -28,7 +28,8 @@ import numpy as np
 import tiktoken
 import torch
 
-from hyperparameters import UserFacingError
+from common import UserFacingError, sha256_hex, write_atomically
+from hyperparameters import DataConfig
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -44,27 +45,6 @@ GPT2_SPLIT_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
 GPT2_END_OF_TEXT = 50256
-
-
-def sha256_hex(data: bytes) -> str:
-    """The sha256 digest of `data` as 64 hex characters."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp_path = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())  # the bytes are on disk before the name points at them
-        tmp_path.replace(path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,3 +325,39 @@ def get_batch(
             y.pin_memory().to(device, non_blocking=True),
         )
     return x.contiguous().to(device), y.contiguous().to(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSplits:
+    """A corpus read, tokenized and split: the token ids and the characters of each split."""
+
+    path: Path
+    tokenizer: Tokenizer
+    tokens: dict[str, torch.Tensor]  # "train" and "val": 1-D int64 ids
+    chars: dict[str, int]  # how many characters of the text each split holds
+
+    def tokens_per_char(self) -> dict[str, float]:
+        """Tokens per character of each split: turns a loss per token into one per character."""
+        return {name: len(ids) / self.chars[name] for name, ids in self.tokens.items()}
+
+
+def load_splits(
+    config: DataConfig, block_size: int, tokenizer: Tokenizer | None = None
+) -> CorpusSplits:
+    """Find, read, tokenize (through the cache) and split the corpus `config` names.
+
+    `tokenizer` is a saved run's; without one, a new one of config.tokenizer's kind is built.
+    """
+    path = resolve_corpus(config.data)
+    text = read_corpus(path)
+    tokenizer = tokenizer or build_tokenizer(config.tokenizer, text)
+    tokens = encode_corpus(text, tokenizer, Path(config.cache_dir))
+    train, val = split_tokens(tokens, config.val_fraction, block_size)
+    # Characters per split, so that losses can be reported per character for any tokenizer.
+    train_chars = len(tokenizer.decode(train.tolist()))
+    return CorpusSplits(
+        path=path,
+        tokenizer=tokenizer,
+        tokens={"train": train, "val": val},
+        chars={"train": train_chars, "val": len(text) - train_chars},
+    )

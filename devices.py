@@ -1,4 +1,4 @@
-"""Where the computation runs: the device, the precision, and processes started by torchrun.
+"""Where the computation runs: device, precision, torch.compile, and processes started by torchrun.
 
     python train_model.py --device=cpu                          # one process
     torchrun --standalone --nproc_per_node=2 train_model.py     # two processes, one machine
@@ -16,8 +16,10 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from hyperparameters import UserFacingError
+from common import UserFacingError, first_line
+from hyperparameters import TrainConfig
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -45,6 +47,18 @@ def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, st
     if requested == "float16" and device.type != "cuda":
         raise UserFacingError("dtype float16 needs a CUDA device; use float32 or bfloat16")
     return getattr(torch, requested), f"{requested} (requested)"
+
+
+def setup_compute(config: TrainConfig) -> tuple[Distributed, torch.device, torch.dtype]:
+    """Choose device and precision (joining a torchrun job if there is one) and say which."""
+    distributed, device = init_distributed(config.device)
+    dtype, dtype_reason = resolve_dtype(config.dtype, device)
+    print(f"device {device}, compute dtype {dtype_reason}")
+    if device.type == "cuda":
+        # TF32 matmuls are much faster on Ampere+ GPUs and precise enough for training.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return distributed, device, dtype
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -77,6 +91,11 @@ class Distributed:
         return self.rank == 0
 
 
+def process_rank() -> int:
+    """This process' rank in a torchrun job (torchrun sets RANK); 0 for a plain run."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(requested_device: str) -> tuple[Distributed, torch.device]:
     """Join the torchrun job if there is one (torchrun sets RANK and WORLD_SIZE)."""
     device = resolve_device(requested_device)
@@ -85,7 +104,7 @@ def init_distributed(requested_device: str) -> tuple[Distributed, torch.device]:
     if device.type == "mps":
         raise UserFacingError("multi-process training runs on cuda or cpu; add --device=cpu")
     context = Distributed(
-        rank=int(os.environ["RANK"]),
+        rank=process_rank(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         world_size=int(os.environ["WORLD_SIZE"]),
     )
@@ -115,3 +134,39 @@ def any_process(flag: bool, context: Distributed, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# What runs the forward passes
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool, example: torch.Tensor) -> torch.nn.Module:
+    """torch.compile the model if asked and if it works here; otherwise say so and run eager."""
+    if not enabled:
+        return model
+    try:
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            compiled(example)  # compilation happens on the first call; fail here, not later
+        return compiled
+    except Exception as err:  # any compiler failure: the eager model still works
+        print(f"warning: torch.compile failed ({first_line(err):.100}); running uncompiled")
+        return model
+
+
+def wrap_model(
+    model: torch.nn.Module, compile_model: bool, distributed: Distributed, example: torch.Tensor
+) -> torch.nn.Module:
+    """The model, maybe compiled, maybe shared across processes: what runs forward passes."""
+    wrapped = maybe_compile(model, compile_model, example)
+    if distributed.enabled:
+        device = example.device
+        # forward_sync_buffers=False: the only buffers are constants (the causal mask, rotary
+        # tables), and without buffer syncing a forward pass needs no other process (process 0
+        # evaluates alone).
+        wrapped = DistributedDataParallel(
+            wrapped,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False,
+        )
+    return wrapped

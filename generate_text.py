@@ -17,17 +17,12 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from common import UserFacingError, print_error
 from data_handling import Tokenizer, stream_decode
 from devices import resolve_device
-from hyperparameters import (
-    SampleConfig,
-    TrainConfig,
-    UserFacingError,
-    build_parser,
-    parse_configs,
-    print_error,
-)
-from model_architecture import GPT
+from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
+from model_architecture import GPT, generate
+from run_folder import RunFolder
 
 PROG = "generate_text.py"
 SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"
@@ -48,10 +43,10 @@ def read_prompt(config: SampleConfig) -> str:
 
 
 def checkpoint_path(sample_config: SampleConfig, train_config: TrainConfig) -> Path:
-    """--ckpt if given, else the best checkpoint of the run in --out_dir."""
+    """--ckpt if given, else the checkpoint for sampling of the run in --out_dir."""
     if sample_config.ckpt:
         return Path(sample_config.ckpt)
-    return Path(train_config.out_dir) / "ckpt_best.pth"
+    return RunFolder(Path(train_config.out_dir)).sampling_checkpoint
 
 
 def write_sample(
@@ -63,7 +58,8 @@ def write_sample(
 ) -> None:
     """Write the prompt, then each new piece of text as soon as it is generated."""
     sys.stdout.write(tokenizer.decode(prompt_ids))
-    new_ids = model.generate(
+    new_ids = generate(
+        model,
         prompt_ids,
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,

@@ -16,20 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
-
-class UserFacingError(Exception):
-    """A problem the user can fix (bad option, missing file...): shown as one line, exit 2."""
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message cut to its first line (or its type's name if it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+from common import UserFacingError
 
 
 def setting(default: Any, help: str) -> Any:
@@ -185,6 +176,56 @@ class SampleConfig:
 
 CONFIG_CLASSES = (ModelConfig, DataConfig, TrainConfig, SampleConfig)
 
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a training run is made with: its model, its data and how it trains."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The settings as plain dicts, as config.json shows them."""
+        return {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+def settings_for_resume(saved: RunSettings, given: dict[str, Any], out_dir: str) -> RunSettings:
+    """A resumed run's settings: the saved ones, changed by the options given now where allowed.
+
+    The model, the data and the optimizer cannot change (a contradicting option is a user
+    error); other training settings (max_iters, learning_rate, ...) may; out_dir is where the
+    checkpoint was found, and --data may point at a corpus that moved.
+    """
+    fixed = {
+        **dataclasses.asdict(saved.model),
+        **dataclasses.asdict(saved.data),
+        "optimizer": saved.train.optimizer,
+    }
+    conflicts = [
+        name
+        for name, value in fixed.items()
+        if name in given and name != "data" and given[name] != value
+    ]
+    if conflicts:
+        raise UserFacingError(
+            f"--resume keeps the saved run's {', '.join(conflicts)}; drop those options or "
+            "start a new run in another --out_dir"
+        )
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    changes = {name: value for name, value in given.items() if name in train_fields}
+    try:
+        train = dataclasses.replace(saved.train, **{**changes, "out_dir": out_dir, "resume": True})
+    except ValueError as err:
+        raise UserFacingError(f"the saved run's settings are not valid ({err})") from None
+    data = dataclasses.replace(saved.data, data=given.get("data", saved.data.data))
+    return RunSettings(model=saved.model, data=data, train=train)
+
+
 # Filled in from the tokenizer or chosen by the program, never typed by a user.
 NOT_OPTIONS = frozenset({"vocab_size"})
 
@@ -288,8 +329,3 @@ def parse_configs(
         except ValueError as err:
             parser.error(str(err))
     return configs, given
-
-
-def print_error(prog: str, err: BaseException) -> None:
-    """Print a user-facing failure as one line on stderr."""
-    print(f"{prog}: error: {err}", file=sys.stderr)

@@ -7,8 +7,8 @@ The computation, for a sequence of token ids:
 Attention lets each position look back at earlier ones; the feed-forward then thinks about what
 it gathered, one position at a time. With rotary positions (the default), attention itself
 tells positions apart, by rotating each query and key by an angle that grows with its position.
-`GPT.generate` samples text from the logits, one token at a time, reusing earlier keys and
-values through a `KVCache`.
+`generate` samples text from the logits, one token at a time, reusing earlier keys and values
+through a `KVCache`.
 
 Shape legend: B batch, T time (sequence length), C = n_embd, nh heads, hs = C / nh head size,
 V vocabulary size. GPT-2's names for our modules: token_embedding = wte,
@@ -87,6 +87,49 @@ def apply_rotary(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # 2-D rotation per pair
 
 
+# ----------------------------------------------------------------------------------------------
+# Key/value cache. When text is generated one token at a time, each new token attends to the
+# keys and values of every earlier position; keeping them means each is computed only once.
+
+
+class LayerCache:
+    """Keys and values of one attention layer, preallocated: (B, nh, block_size, hs) each."""
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        head_size = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        """Keep k, v (B, nh, T, hs) of positions start..; return all so far (B, nh, start+T, hs)."""
+        end = start + k.size(2)
+        assert end <= self.keys.size(2), f"cache overflow: {end} > {self.keys.size(2)}"
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """One LayerCache per block, and how many positions they hold."""
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.layers = [LayerCache(config, batch_size, device, dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions 0..length-1 are stored
+
+    def reset(self) -> None:
+        """Forget every position; the buffers are kept and overwritten."""
+        self.length = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformer's layers
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: every position gathers information from earlier ones.
 
@@ -114,10 +157,13 @@ class CausalSelfAttention(nn.Module):
         mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def split_heads(
-        self, x: torch.Tensor, start: int = 0
+    def queries_keys_values(
+        self, x: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values per head: (B, T, C) at positions start.. -> 3 x (B, nh, T, hs)."""
+        """Project x (B, T, C) at positions start.. into per-head q, k, v: 3 x (B, nh, T, hs).
+
+        With rotary positions, the queries and keys are also rotated to their positions.
+        """
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -128,13 +174,18 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, tables), apply_rotary(k, tables)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C). With a cache, x holds only the new positions."""
+    def forward(
+        self, x: torch.Tensor, start: int = 0, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), for the positions start..start+T-1.
+
+        With a cache, x holds only the new positions, and the keys and values of the earlier
+        ones come from the cache.
+        """
         B, T, C = x.shape
-        start = cache.length if cache is not None else 0  # position of x's first token
-        q, k, v = self.split_heads(x, start)  # 3 x (B, nh, T, hs)
+        q, k, v = self.queries_keys_values(x, start)  # 3 x (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, nh, Tk, hs): all positions so far
+            k, v = cache.store(k, v, start)  # (B, nh, Tk, hs): every position so far
         Tk = k.size(2)
         # The new queries are the last T of the Tk positions: rows Tk-T..Tk-1 of the triangle.
         mask = self.causal_mask[Tk - T : Tk, :Tk]  # (T, Tk)
@@ -142,12 +193,6 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge heads: (B, T, nh * hs)
         return self.residual_dropout(self.out_proj(y))  # (B, T, C)
-
-    def weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention weights themselves, for looking inside: (B, T, C) -> (B, nh, T, T)."""
-        q, k, _ = self.split_heads(x)
-        T = x.size(1)
-        return attention_weights(q, k, self.causal_mask[:T, :T])
 
 
 class FeedForward(nn.Module):
@@ -179,9 +224,11 @@ class Block(nn.Module):
         self.norm_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C)."""
-        x = x + self.attn(self.norm_1(x), cache)
+    def forward(
+        self, x: torch.Tensor, start: int = 0, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """(B, T, C) at positions start.. -> (B, T, C)."""
+        x = x + self.attn(self.norm_1(x), start, cache)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -259,7 +306,7 @@ class GPT(nn.Module):
         )
         x = self.embed(idx, start)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache.layers[i] if cache is not None else None)  # (B, T, C)
+            x = block(x, start, cache.layers[i] if cache is not None else None)  # (B, T, C)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)
@@ -268,91 +315,10 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
-    @torch.inference_mode()
-    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
-        """Attention weights of every layer and head for one sequence.
-
-        Args:
-            idx: token ids, (1, T) with T <= block_size.
-
-        Returns:
-            (n_layer, nh, T, T): row t of a map shows how position t spreads its attention
-            over positions 0..t.
-        """
-        x = self.embed(idx)  # (1, T, C)
-        maps = []
-        for block in self.blocks:
-            maps.append(block.attn.weights(block.norm_1(x))[0])  # (nh, T, T)
-            x = block(x)
-        return torch.stack(maps)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> Iterator[int]:
-        """Continue the prompt, yielding each new token id as soon as it is chosen.
-
-        Args:
-            prompt_ids: at least one token id; only the last block_size are used.
-            max_new_tokens: how many tokens to generate.
-            temperature: 0 picks the likeliest token; higher values flatten the distribution.
-            top_k: keep only the k likeliest tokens (0 keeps all).
-            top_p: keep the smallest set of tokens whose probability reaches top_p (1 keeps all).
-            generator: the random source for sampling, for reproducible text.
-            use_cache: reuse keys and values of earlier positions (same tokens, less compute).
-        """
-        assert len(prompt_ids) > 0, "generate needs at least one prompt token"
-        device = self.token_embedding.weight.device
-        tokens = list(prompt_ids)
-        first = max(0, len(tokens) - self.config.block_size)  # the prompt's last block_size
-        start = first
-        cache = KVCache(self, batch_size=1) if use_cache else None
-        logits, _ = self(torch.tensor([tokens[start:]], device=device), cache=cache)  # (1, T, V)
-        for _ in range(max_new_tokens):
-            next_id = sample_next(logits[0, -1].float(), temperature, top_k, top_p, generator)
-            yield next_id
-            tokens.append(next_id)
-            window_start = context_start(len(tokens), first, self.config.block_size)
-            if cache is not None and window_start == start:
-                # Only the new token goes through the model; earlier keys/values are reused.
-                logits, _ = self(torch.tensor([[next_id]], device=device), cache=cache)
-            else:
-                # The window moved (or there is no cache): run the whole window again. With a
-                # cache this happens once every block_size // 2 tokens.
-                start = window_start
-                if cache is not None:
-                    cache.reset()
-                logits, _ = self(torch.tensor([tokens[start:]], device=device), cache=cache)
-
-
-def context_start(length: int, first: int, block_size: int) -> int:
-    """Where the model's context window begins once `length` tokens exist.
-
-    The window starts at `first` (the prompt's last block_size tokens) and, once the text
-    outgrows it, jumps forward by half a block at a time, so the model always sees between
-    block_size // 2 + 1 and block_size tokens. Why not slide by one token? Every kept token
-    would then sit at a new position and, from the second layer on, see one token less of the
-    past, changing all its cached keys and values (with learned or rotary positions alike):
-    sliding by one means recomputing the whole window for every new token.
-    Jumping by half a block lets the cache serve block_size // 2 tokens per recomputation.
-    The cached and uncached paths both follow this rule, so they give the same tokens.
-    """
-    overflow = length - first - block_size
-    if overflow <= 0:
-        return first
-    jump = max(1, block_size // 2)
-    return first + -(-overflow // jump) * jump  # round the overflow up to whole jumps
-
 
 # ----------------------------------------------------------------------------------------------
-# Sampling helpers: each takes logits of shape (V,) and returns a filtered copy.
+# Generation: choosing each next token from the logits, and the context window that moves
+# along as the text grows. The filters take logits of shape (V,) and return a filtered copy.
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -390,45 +356,95 @@ def sample_next(
     return int(torch.multinomial(probs, num_samples=1, generator=generator))
 
 
+def context_start(length: int, first: int, block_size: int) -> int:
+    """Where the model's context window begins once `length` tokens exist.
+
+    The window starts at `first` (the prompt's last block_size tokens) and, once the text
+    outgrows it, jumps forward by half a block at a time, so the model always sees between
+    block_size // 2 + 1 and block_size tokens. Why not slide by one token? Every kept token
+    would then sit at a new position and, from the second layer on, see one token less of the
+    past, changing all its cached keys and values (with learned or rotary positions alike):
+    sliding by one means recomputing the whole window for every new token.
+    Jumping by half a block lets the cache serve block_size // 2 tokens per recomputation.
+    The cached and uncached paths both follow this rule, so they give the same tokens.
+    """
+    overflow = length - first - block_size
+    if overflow <= 0:
+        return first
+    jump = max(1, block_size // 2)
+    jumps = math.ceil(overflow / jump)  # as few whole jumps as bring the text back in view
+    return first + jumps * jump
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Continue the prompt, yielding each new token id as soon as it is chosen.
+
+    Args:
+        model: the GPT, in eval mode.
+        prompt_ids: at least one token id; only the last block_size are used.
+        max_new_tokens: how many tokens to generate.
+        temperature: 0 picks the likeliest token; higher values flatten the distribution.
+        top_k: keep only the k likeliest tokens (0 keeps all).
+        top_p: keep the smallest set of tokens whose probability reaches top_p (1 keeps all).
+        generator: the random source for sampling, for reproducible text.
+        use_cache: reuse keys and values of earlier positions (same tokens, less compute).
+    """
+    assert len(prompt_ids) > 0, "generate needs at least one prompt token"
+    block_size = model.config.block_size
+    weight = model.token_embedding.weight
+    cache = KVCache(model.config, 1, weight.device, weight.dtype) if use_cache else None
+    tokens = list(prompt_ids)
+    first = max(0, len(tokens) - block_size)  # the prompt's last block_size
+    start = first
+    logits, _ = model(torch.tensor([tokens[start:]], device=weight.device), cache=cache)
+    for _ in range(max_new_tokens):
+        next_id = sample_next(logits[0, -1].float(), temperature, top_k, top_p, generator)
+        yield next_id
+        tokens.append(next_id)
+        window_start = context_start(len(tokens), first, block_size)
+        if cache is not None and window_start == start:
+            # Only the new token goes through the model; earlier keys/values are reused.
+            logits, _ = model(torch.tensor([[next_id]], device=weight.device), cache=cache)
+        else:
+            # The window moved (or there is no cache): run the whole window again. With a
+            # cache this happens once every block_size // 2 tokens.
+            start = window_start
+            if cache is not None:
+                cache.reset()
+            logits, _ = model(torch.tensor([tokens[start:]], device=weight.device), cache=cache)
+
+
 # ----------------------------------------------------------------------------------------------
-# Key/value cache for generation
+# Looking inside, for the web demo's Attention tab (training and generation do not use this).
 
 
-class LayerCache:
-    """Preallocated keys and values of one attention layer: (B, nh, block_size, hs) each."""
+@torch.inference_mode()
+def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Attention weights of every layer and head for one sequence.
 
-    def __init__(
-        self, batch_size: int, config: ModelConfig, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        head_size = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+    Args:
+        model: the GPT.
+        idx: token ids, (1, T) with T <= block_size.
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values (B, nh, T, hs); return all stored so far (B, nh, length, hs)."""
-        end = self.length + k.size(2)
-        assert end <= self.keys.size(2), f"cache overflow: {end} > {self.keys.size(2)}"
-        self.keys[:, :, self.length : end] = k
-        self.values[:, :, self.length : end] = v
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-
-class KVCache:
-    """One LayerCache per block, plus how many positions they hold."""
-
-    def __init__(self, model: GPT, batch_size: int) -> None:
-        weight = model.token_embedding.weight
-        self.layers = [
-            LayerCache(batch_size, model.config, weight.device, weight.dtype)
-            for _ in range(model.config.n_layer)
-        ]
-        self.length = 0
-
-    def reset(self) -> None:
-        """Forget every position; the buffers are kept and overwritten."""
-        self.length = 0
-        for layer in self.layers:
-            layer.length = 0
+    Returns:
+        (n_layer, nh, T, T): row t of a map shows how position t spreads its attention over
+        positions 0..t.
+    """
+    T = idx.size(1)
+    x = model.embed(idx)  # (1, T, C)
+    maps = []
+    for block in model.blocks:
+        q, k, _ = block.attn.queries_keys_values(block.norm_1(x), start=0)  # (1, nh, T, hs)
+        maps.append(attention_weights(q, k, block.attn.causal_mask[:T, :T])[0])  # (nh, T, T)
+        x = block(x)  # (1, T, C)
+    return torch.stack(maps)

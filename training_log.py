@@ -7,13 +7,12 @@ elapsed_s (seconds of training so far). loss.png draws the two losses against th
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from data_handling import write_atomically
+from common import figure_png, write_atomically
 
 
 def bits_per_char(loss: float, tokens_per_char: float) -> float:
@@ -21,10 +20,42 @@ def bits_per_char(loss: float, tokens_per_char: float) -> float:
     return loss * tokens_per_char / math.log(2)
 
 
+def nats_per_char(bits: float) -> float:
+    """Bits per character (as metrics.jsonl holds them) to nats per character."""
+    return bits * math.log(2)
+
+
+def evaluation_row(
+    step: int,
+    losses: dict[str, float],
+    tokens_per_char: dict[str, float],
+    lr: float,
+    elapsed_s: float,
+) -> dict[str, Any]:
+    """One line of metrics.jsonl, from the mean losses (nats per token) of both splits."""
+    return {
+        "step": step,
+        "train_loss": losses["train"],
+        "val_loss": losses["val"],
+        "train_bpc": bits_per_char(losses["train"], tokens_per_char["train"]),
+        "val_bpc": bits_per_char(losses["val"], tokens_per_char["val"]),
+        "lr": lr,
+        "elapsed_s": round(elapsed_s, 2),
+    }
+
+
 def write_history(history: list[dict[str, Any]], path: Path) -> None:
     """Write every evaluation so far as metrics.jsonl (atomically: never half a file)."""
     lines = "".join(json.dumps(row) + "\n" for row in history)
     write_atomically(path, lines.encode("utf-8"))
+
+
+def read_history(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
+    """A run's evaluations from its metrics.jsonl, up to a step (a resumed run's checkpoint)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["step"] <= up_to_step]
 
 
 def loss_figure(history: list[dict[str, Any]]) -> Any:
@@ -49,18 +80,4 @@ def loss_figure(history: list[dict[str, Any]]) -> Any:
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     """Draw the loss curves into a PNG (written atomically)."""
-    import matplotlib.pyplot as plt
-
-    fig = loss_figure(history)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    write_atomically(path, buffer.getvalue())
-
-
-def read_history(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
-    """A run's evaluations from its metrics.jsonl, up to a step (a resumed run's checkpoint)."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["step"] <= up_to_step]
+    write_atomically(path, figure_png(loss_figure(history)))

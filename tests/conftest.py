@@ -64,3 +64,12 @@ def tiny_train_argv(out_dir: Path, corpus: Path, **overrides: object) -> list[st
     }
     options.update(overrides)
     return [f"--{name}={value}" for name, value in options.items()]
+
+
+def build_training(argv: list[str]):
+    """What train_model.main sets up before its loop: (run, state, description)."""
+    import train_model
+    from run_folder import RunFolder
+
+    settings, checkpoint = train_model.read_settings(argv)
+    return train_model.build_run(settings, checkpoint, RunFolder(Path(settings.train.out_dir)))

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import app
+import app_backend
 import train_model
 from conftest import PROJECT_ROOT, tiny_train_argv
 from data_handling import CharTokenizer
@@ -54,15 +55,15 @@ def checkpoint_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loaded(checkpoint_path) -> app.LoadedModel:
-    return app.load_model(checkpoint_path, torch.device("cpu"))
+def loaded(checkpoint_path) -> app_backend.LoadedModel:
+    return app_backend.load_model(checkpoint_path, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------- unit tests
 
 
 def test_facts_describe_the_model(loaded):
-    text = app.facts_markdown(loaded)
+    text = app_backend.facts_markdown(loaded)
     assert f"{loaded.model.num_parameters():,} parameters" in text
     assert "2 layers x 2 heads x 32 wide" in text
     assert "characters (" in text
@@ -72,36 +73,36 @@ def test_facts_describe_the_model(loaded):
 
 def test_prompt_preparation_never_fails():
     tokenizer = CharTokenizer.from_text("abc \n")
-    assert app.prepare_prompt("", tokenizer) == ([tokenizer.encode("\n")[0]], "")
-    ids, note = app.prepare_prompt("a€b", tokenizer)
+    assert app_backend.prepare_prompt("", tokenizer) == ([tokenizer.encode("\n")[0]], "")
+    ids, note = app_backend.prepare_prompt("a€b", tokenizer)
     assert ids == tokenizer.encode("ab")
     assert "'€'" in note
-    ids, note = app.prepare_prompt("a" * (app.MAX_PROMPT_CHARS + 10), tokenizer)
-    assert len(ids) == app.MAX_PROMPT_CHARS
+    ids, note = app_backend.prepare_prompt("a" * (app_backend.MAX_PROMPT_CHARS + 10), tokenizer)
+    assert len(ids) == app_backend.MAX_PROMPT_CHARS
     assert "cut" in note
-    ids, _ = app.prepare_prompt("€€", tokenizer)  # nothing known left: start from a newline
+    ids, _ = app_backend.prepare_prompt("€€", tokenizer)  # nothing known left: start from a newline
     assert ids == tokenizer.encode("\n")
 
 
 def test_generation_streams_growing_text_and_repeats_with_a_seed(loaded, monkeypatch):
-    monkeypatch.setattr(app, "STREAM_INTERVAL_S", 0.0)  # yield after every piece
-    updates = list(app.generate_stream(loaded, "All:", 0.8, 0, 1.0, 40, 7))
+    monkeypatch.setattr(app_backend, "STREAM_INTERVAL_S", 0.0)  # yield after every piece
+    updates = list(app_backend.generate_stream(loaded, "All:", 0.8, 0, 1.0, 40, 7))
     texts = [text for text, _ in updates]
     assert len(texts) >= 40
     assert all(len(a) <= len(b) for a, b in itertools.pairwise(texts))
     assert texts[-1].startswith("All:")
     assert len(texts[-1]) == len("All:") + 40
-    again = list(app.generate_stream(loaded, "All:", 0.8, 0, 1.0, 40, 7))[-1][0]
+    again = list(app_backend.generate_stream(loaded, "All:", 0.8, 0, 1.0, 40, 7))[-1][0]
     assert again == texts[-1]
 
 
 def test_bfloat16_model_generates_and_draws_attention(checkpoint_path, monkeypatch):
-    monkeypatch.setattr(app, "STREAM_INTERVAL_S", 0.0)
-    half = app.load_model(checkpoint_path, torch.device("cpu"), precision="bfloat16")
+    monkeypatch.setattr(app_backend, "STREAM_INTERVAL_S", 0.0)
+    half = app_backend.load_model(checkpoint_path, torch.device("cpu"), precision="bfloat16")
     assert half.model.token_embedding.weight.dtype == torch.bfloat16
-    text = list(app.generate_stream(half, "All:", 0.8, 0, 1.0, 30, 7))[-1][0]
+    text = list(app_backend.generate_stream(half, "All:", 0.8, 0, 1.0, 30, 7))[-1][0]
     assert len(text) == len("All:") + 30
-    image, _ = app.attention_image(half, "All: speak")
+    image, _ = app_backend.attention_image(half, "All: speak")
     assert image.width > 200
 
 
@@ -115,38 +116,38 @@ def test_bfloat16_model_generates_and_draws_attention(checkpoint_path, monkeypat
     ],
 )
 def test_extreme_slider_values_are_clamped(loaded, temperature, top_k, top_p, max_new, seed):
-    text, _ = list(app.generate_stream(loaded, "All:", temperature, top_k, top_p, max_new, seed))[
-        -1
-    ]
+    text, _ = list(
+        app_backend.generate_stream(loaded, "All:", temperature, top_k, top_p, max_new, seed)
+    )[-1]
     assert text.startswith("All:")
     assert len(text) > len("All:")
 
 
 def test_max_new_tokens_is_capped(loaded, monkeypatch):
-    monkeypatch.setattr(app, "MAX_NEW_TOKENS", 25)
-    text, _ = list(app.generate_stream(loaded, "A", 1.0, 0, 1.0, 10**9, 0))[-1]
+    monkeypatch.setattr(app_backend, "MAX_NEW_TOKENS", 25)
+    text, _ = list(app_backend.generate_stream(loaded, "A", 1.0, 0, 1.0, 10**9, 0))[-1]
     assert len(text) == 1 + 25
 
 
 def test_training_plot_reads_the_metrics_log(checkpoint_path, tmp_path):
-    figure = app.training_plot(checkpoint_path.parent / "metrics.jsonl")
+    figure = app_backend.training_plot(checkpoint_path.parent / "metrics.jsonl")
     assert [line.get_label() for line in figure.axes[0].get_lines()] == ["train", "validation"]
-    assert app.training_plot(tmp_path / "missing.jsonl") is None
+    assert app_backend.training_plot(tmp_path / "missing.jsonl") is None
 
 
 def test_attention_image_has_a_heatmap_per_layer_and_head(loaded, monkeypatch):
-    image, note = app.attention_image(loaded, "All: speak")
+    image, note = app_backend.attention_image(loaded, "All: speak")
     assert image.width > 200
     assert image.height > 200
     assert note == ""
-    monkeypatch.setattr(app, "MAX_ATTENTION_TOKENS", 5)
-    _, note = app.attention_image(loaded, "All: speak, speak")
+    monkeypatch.setattr(app_backend, "MAX_ATTENTION_TOKENS", 5)
+    _, note = app_backend.attention_image(loaded, "All: speak, speak")
     assert "first 5 tokens" in note
 
 
 def test_token_labels_show_invisible_characters():
     tokenizer = CharTokenizer.from_text("a \n")
-    assert app.token_labels(tokenizer, tokenizer.encode("a \n")) == ["a", "␣", "↵"]
+    assert app_backend.token_labels(tokenizer, tokenizer.encode("a \n")) == ["a", "␣", "↵"]
 
 
 def test_demo_builds_with_and_without_a_model(loaded):

@@ -11,41 +11,94 @@ from pathlib import Path
 import pytest
 import torch
 
-import data_handling
+import common
 from checkpoint import (
     MODEL_SETTINGS_BEFORE_THEY_EXISTED,
+    RunDescription,
+    TrainingState,
     load_checkpoint,
+    make_checkpoint,
     model_from_checkpoint,
+    restore_training_state,
     save_checkpoint,
     saved_model_config,
+    saved_settings,
 )
-from conftest import tiny_train_argv
-from hyperparameters import UserFacingError
-from train_model import build_run, make_checkpoint
+from common import UserFacingError
+from conftest import SMALL_TEXT
+from data_handling import CharTokenizer
+from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
+from model_architecture import GPT
+from optimization import make_optimizer
+
+CPU = torch.device("cpu")
+
+
+class Parts:
+    """What a checkpoint is made from, built directly: no command line, no corpus on disk."""
+
+    def __init__(self, **model_options):
+        self.tokenizer = CharTokenizer.from_text(SMALL_TEXT)
+        model_config = ModelConfig(
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            block_size=16,
+            dropout=0.1,
+            vocab_size=self.tokenizer.vocab_size,
+            **model_options,
+        )
+        settings = RunSettings(model_config, DataConfig(data="corpus.txt"), TrainConfig())
+        self.model = GPT(model_config)
+        self.optimizer = make_optimizer(self.model, settings.train, CPU)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.description = RunDescription(settings, self.tokenizer, {"train": 1.0, "val": 1.0})
+
+    def checkpoint(self, step=0, best_val_loss=math.inf, seed=0):
+        state = TrainingState(torch.Generator().manual_seed(seed), step, best_val_loss)
+        return make_checkpoint(self.model, self.optimizer, self.scaler, self.description, state)
 
 
 @pytest.fixture
-def run(tmp_path, tiny_corpus):
-    run, _, _, _ = build_run(tiny_train_argv(tmp_path / "out", tiny_corpus, dropout=0.1))
-    return run
+def parts():
+    return Parts()
 
 
 @pytest.fixture
-def saved(run, tmp_path) -> Path:
+def saved(parts, tmp_path) -> Path:
     path = tmp_path / "ckpt.pth"
-    save_checkpoint(path, make_checkpoint(run, step=3, best_val_loss=2.5))
+    save_checkpoint(path, parts.checkpoint(step=3, best_val_loss=2.5))
     return path
 
 
-def test_round_trip_gives_bit_identical_logits(run, saved):
+def test_round_trip_gives_bit_identical_logits(parts, saved):
     checkpoint = load_checkpoint(saved)  # uses weights_only=True
-    model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model, tokenizer = model_from_checkpoint(checkpoint, CPU)
     idx = torch.randint(0, tokenizer.vocab_size, (2, 16))
-    run.model.eval()
-    torch.testing.assert_close(model(idx)[0], run.model(idx)[0], atol=0, rtol=0)
+    parts.model.eval()
+    torch.testing.assert_close(model(idx)[0], parts.model(idx)[0], atol=0, rtol=0)
     assert checkpoint["step"] == 3
     assert checkpoint["best_val_loss"] == 2.5
-    assert tokenizer.to_dict() == run.tokenizer.to_dict()
+    assert tokenizer.to_dict() == parts.tokenizer.to_dict()
+    assert saved_settings(checkpoint) == parts.description.settings
+
+
+def test_restored_state_continues_the_saved_streams(parts, saved):
+    saved_generator = torch.Generator().manual_seed(0)  # the state Parts saved
+    expected_draw = torch.randint(0, 1000, (5,), generator=saved_generator)
+    generator = torch.Generator().manual_seed(123)  # a fresh run's, about to be overwritten
+    state = restore_training_state(
+        load_checkpoint(saved),
+        parts.optimizer,
+        parts.scaler,
+        generator,
+        history=[{"step": 0, "elapsed_s": 7.0}],
+        restore_random_streams=True,
+    )
+    assert (state.step, state.best_val_loss) == (3, 2.5)
+    assert state.history == [{"step": 0, "elapsed_s": 7.0}]
+    assert state.batch_generator is generator
+    assert torch.equal(torch.randint(0, 1000, (5,), generator=generator), expected_draw)
 
 
 def test_checkpoint_loads_with_weights_only_directly(saved):
@@ -55,30 +108,27 @@ def test_checkpoint_loads_with_weights_only_directly(saved):
     assert checkpoint["tokenizer"]["kind"] == "char"
 
 
-def test_checkpoint_of_a_compiled_model_loads_uncompiled(run, tmp_path):
-    run.compiled = torch.compile(run.model)
-    assert any(k.startswith("_orig_mod.") for k in run.compiled.state_dict())
+def test_checkpoint_of_a_compiled_model_loads_uncompiled(parts, tmp_path):
+    compiled = torch.compile(parts.model)
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
     path = tmp_path / "compiled.pth"
-    save_checkpoint(path, make_checkpoint(run, step=1, best_val_loss=math.inf))
+    save_checkpoint(path, parts.checkpoint(step=1))
     checkpoint = load_checkpoint(path)
     assert not any(k.startswith("_orig_mod.") for k in checkpoint["model"])
-    model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model_from_checkpoint(checkpoint, CPU)
 
 
-def test_failed_save_keeps_the_previous_file(saved, run, monkeypatch):
+def test_failed_save_keeps_the_previous_file(saved, parts, monkeypatch):
     before = saved.read_bytes()
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data_handling.os, "fsync", disk_full)
+    monkeypatch.setattr(common.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(saved, make_checkpoint(run, step=9, best_val_loss=1.0))
+        save_checkpoint(saved, parts.checkpoint(step=9, best_val_loss=1.0))
     assert saved.read_bytes() == before
-    assert sorted(p.name for p in saved.parent.iterdir() if p.is_file()) == [
-        "ckpt.pth",
-        "corpus.txt",
-    ]
+    assert sorted(p.name for p in saved.parent.iterdir() if p.is_file()) == ["ckpt.pth"]
 
 
 class Marker:
@@ -141,42 +191,51 @@ def test_vocabulary_mismatch_is_refused(saved):
     checkpoint = load_checkpoint(saved)
     checkpoint["tokenizer"] = {"kind": "char", "chars": "abc"}
     with pytest.raises(UserFacingError, match="tokenizer has 3 tokens"):
-        model_from_checkpoint(checkpoint, torch.device("cpu"))
+        model_from_checkpoint(checkpoint, CPU)
 
 
 def test_weights_of_other_dimensions_are_refused(saved):
     checkpoint = load_checkpoint(saved)
     checkpoint["model_config"] = {**checkpoint["model_config"], "n_embd": 64}
     with pytest.raises(UserFacingError, match="do not fit"):
-        model_from_checkpoint(checkpoint, torch.device("cpu"))
+        model_from_checkpoint(checkpoint, CPU)
 
 
 def test_no_temporary_files_are_left_after_saving(saved):
     assert not [p for p in saved.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_checkpoint_from_before_rotary_positions_loads_as_it_was_built(tmp_path, tiny_corpus):
-    argv = tiny_train_argv(tmp_path / "out", tiny_corpus, position="learned")
-    run, _, _, _ = build_run(argv)
-    checkpoint = make_checkpoint(run, step=0, best_val_loss=math.inf)
+def test_checkpoint_from_before_rotary_positions_loads_as_it_was_built():
+    checkpoint = Parts(position="learned").checkpoint()
     for name in MODEL_SETTINGS_BEFORE_THEY_EXISTED:
         del checkpoint["model_config"][name]  # what an older checkpoint holds
     assert saved_model_config(checkpoint).position == "learned"
-    model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model, _ = model_from_checkpoint(checkpoint, CPU)
     assert model.position_embedding is not None
+
+
+def test_older_training_settings_are_migrated_in_one_place():
+    checkpoint = Parts().checkpoint()
+    train = checkpoint["train_config"]
+    del train["optimizer"]  # checkpoints from before Muon trained with AdamW
+    del train["min_lr_fraction"]
+    train["min_lr"] = train["learning_rate"] / 4  # the schedule's floor, as older runs saved it
+    settings = saved_settings(checkpoint)
+    assert settings.train.optimizer == "adamw"
+    assert settings.train.min_lr_fraction == pytest.approx(0.25)
 
 
 OPTIONS = [{"position": "rope"}, {"position": "learned"}]
 
 
 @pytest.mark.parametrize("options", OPTIONS)
-def test_architecture_options_travel_in_the_checkpoint(tmp_path, tiny_corpus, options):
-    run, _, _, _ = build_run(tiny_train_argv(tmp_path / "out", tiny_corpus, **options))
+def test_architecture_options_travel_in_the_checkpoint(tmp_path, options):
+    parts = Parts(**options)
     path = tmp_path / "ckpt.pth"
-    save_checkpoint(path, make_checkpoint(run, step=0, best_val_loss=math.inf))
-    model, _ = model_from_checkpoint(load_checkpoint(path), torch.device("cpu"))
+    save_checkpoint(path, parts.checkpoint())
+    model, _ = model_from_checkpoint(load_checkpoint(path), CPU)
     for name, value in options.items():
         assert getattr(model.config, name) == value
     idx = torch.randint(0, model.config.vocab_size, (1, 16))
-    run.model.eval()
-    torch.testing.assert_close(model(idx)[0], run.model(idx)[0], atol=0, rtol=0)
+    parts.model.eval()
+    torch.testing.assert_close(model(idx)[0], parts.model(idx)[0], atol=0, rtol=0)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data_handling
+from common import UserFacingError
 from data_handling import (
     BPETokenizer,
     CharTokenizer,
@@ -29,7 +30,6 @@ from data_handling import (
     stream_decode,
     tokenizer_from_dict,
 )
-from hyperparameters import UserFacingError
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from model_architecture import GPT, sample_next, top_k_filter, top_p_filter
+from model_architecture import GPT, generate, sample_next, top_k_filter, top_p_filter
 
 
 @pytest.fixture
@@ -20,9 +20,9 @@ def model(tiny_model_config) -> GPT:
     return GPT(tiny_model_config).eval()
 
 
-def generate(model, prompt, n, seed=0, **kwargs):
+def generate_list(model, prompt, n, seed=0, **kwargs):
     generator = torch.Generator().manual_seed(seed)
-    return list(model.generate(prompt, max_new_tokens=n, generator=generator, **kwargs))
+    return list(generate(model, prompt, max_new_tokens=n, generator=generator, **kwargs))
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
@@ -34,20 +34,20 @@ def test_cached_and_uncached_generation_give_the_same_tokens(
     config = dataclasses.replace(tiny_model_config, attention=attention, position=position)
     model = GPT(config).eval()
     # 3 prompt tokens + 40 new ones: well past block_size (16), so the window slides.
-    cached = generate(model, [1, 2, 3], 40, temperature=1.0, use_cache=True)
-    uncached = generate(model, [1, 2, 3], 40, temperature=1.0, use_cache=False)
+    cached = generate_list(model, [1, 2, 3], 40, temperature=1.0, use_cache=True)
+    uncached = generate_list(model, [1, 2, 3], 40, temperature=1.0, use_cache=False)
     assert cached == uncached
     assert len(cached) == 40
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens(model):
-    assert generate(model, [5], 30, seed=1) == generate(model, [5], 30, seed=1)
-    assert generate(model, [5], 30, seed=1) != generate(model, [5], 30, seed=2)
+    assert generate_list(model, [5], 30, seed=1) == generate_list(model, [5], 30, seed=1)
+    assert generate_list(model, [5], 30, seed=1) != generate_list(model, [5], 30, seed=2)
 
 
 def test_temperature_zero_is_greedy(model):
     tokens = [4, 9]
-    new = generate(model, tokens, 20, temperature=0.0)
+    new = generate_list(model, tokens, 20, temperature=0.0)
     for token in new:
         logits, _ = model(torch.tensor([tokens[-16:]]))
         assert token == int(torch.argmax(logits[0, -1]))
@@ -56,13 +56,13 @@ def test_temperature_zero_is_greedy(model):
 
 def test_prompt_longer_than_block_size_is_cropped(model):
     long_prompt = list(range(40))  # block_size is 16
-    out = generate(model, long_prompt, 5, temperature=0.0)
-    expected = generate(model, long_prompt[-16:], 5, temperature=0.0)
+    out = generate_list(model, long_prompt, 5, temperature=0.0)
+    expected = generate_list(model, long_prompt[-16:], 5, temperature=0.0)
     assert out == expected
 
 
 def test_generate_streams_one_id_at_a_time(model):
-    stream = model.generate([1], max_new_tokens=3)
+    stream = generate(model, [1], max_new_tokens=3)
     assert inspect.isgenerator(stream)
     first = next(stream)
     assert isinstance(first, int)
@@ -70,7 +70,7 @@ def test_generate_streams_one_id_at_a_time(model):
 
 
 def test_top_k_larger_than_vocabulary_and_top_p_one_work(model):
-    assert len(generate(model, [1], 10, top_k=10_000, top_p=1.0)) == 10
+    assert len(generate_list(model, [1], 10, top_k=10_000, top_p=1.0)) == 10
 
 
 def test_top_k_keeps_the_k_largest():
@@ -123,6 +123,6 @@ def test_bfloat16_weights_give_close_logits_and_valid_tokens(model):
     half.load_state_dict(model.state_dict())
     half = half.to(torch.bfloat16)
     torch.testing.assert_close(half(idx)[0].float(), model(idx)[0], atol=0.05, rtol=0)
-    tokens = generate(half, [1, 2, 3], 40)  # past block_size: the cache is bfloat16 too
+    tokens = generate_list(half, [1, 2, 3], 40)  # past block_size: the cache is bfloat16 too
     assert len(tokens) == 40
     assert all(0 <= t < 40 for t in tokens)

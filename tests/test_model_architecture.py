@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from hyperparameters import ModelConfig
-from model_architecture import GPT, KVCache, causal_attention_manual, causal_attention_sdpa
+from model_architecture import (
+    GPT,
+    KVCache,
+    attention_maps,
+    causal_attention_manual,
+    causal_attention_sdpa,
+)
 
 POSITIONS = ["rope", "learned"]  # every guarantee holds for both ways of encoding position
 
@@ -128,7 +134,7 @@ def test_cached_forward_matches_full_forward(tiny_model_config, attention, posit
     model = build(tiny_model_config, attention=attention, position=position).eval()
     idx = torch.randint(0, 40, (1, 12))
     full, _ = model(idx)
-    cache = KVCache(model, batch_size=1)
+    cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
     first, _ = model(idx[:, :5], cache=cache)
     rest = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
     stepwise = torch.cat([first, *rest], dim=1)
@@ -144,7 +150,7 @@ def test_too_long_input_is_an_internal_error(tiny_model_config):
 
 def test_attention_maps_are_causal_distributions(tiny_model_config):
     model = build(tiny_model_config).eval()
-    maps = model.attention_maps(torch.randint(0, 40, (1, 10)))
+    maps = attention_maps(model, torch.randint(0, 40, (1, 10)))
     assert maps.shape == (2, 2, 10, 10)  # (n_layer, nh, T, T)
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 10))
     assert torch.count_nonzero(maps.triu(diagonal=1)) == 0
@@ -153,11 +159,11 @@ def test_attention_maps_are_causal_distributions(tiny_model_config):
 def test_attention_maps_are_the_weights_the_forward_pass_uses(tiny_model_config):
     model = build(tiny_model_config, attention="manual").eval()
     idx = torch.randint(0, 40, (1, 10))
-    maps = model.attention_maps(idx)
+    maps = attention_maps(model, idx)
     attn = model.blocks[0].attn
     with torch.no_grad():
         x = model.blocks[0].norm_1(model.embed(idx))
-        _, _, v = attn.split_heads(x)
+        _, _, v = attn.queries_keys_values(x, start=0)
     with torch.no_grad():
         mixed = maps[0].unsqueeze(0) @ v  # (1, nh, T, hs)
         expected = attn.out_proj(mixed.transpose(1, 2).reshape(1, 10, -1))

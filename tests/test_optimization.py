@@ -11,7 +11,7 @@ import torch
 
 import train_model
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import tiny_train_argv
+from conftest import build_training, tiny_train_argv
 from hyperparameters import TrainConfig
 from model_architecture import GPT
 from optimization import CombinedOptimizer, learning_rate_at, make_optimizer
@@ -83,10 +83,10 @@ def test_resume_keeps_saved_settings_unless_given_again(tmp_path, tiny_corpus):
     argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, learning_rate=3e-3)
     assert train_model.main(argv) == 0
     resumed = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)  # no --learning_rate
-    run, start_step, _, _ = train_model.build_run([*resumed, "--resume"])
-    assert start_step == 10
-    assert run.train_config.learning_rate == 3e-3
-    assert run.train_config.max_iters == 20  # given again: the new value wins
+    run, state, _ = build_training([*resumed, "--resume"])
+    assert state.step == 10
+    assert run.config.learning_rate == 3e-3
+    assert run.config.max_iters == 20  # given again: the new value wins
 
 
 def test_resuming_an_older_checkpoint_keeps_its_adamw_and_floor(tmp_path, tiny_corpus):
@@ -100,10 +100,10 @@ def test_resuming_an_older_checkpoint_keeps_its_adamw_and_floor(tmp_path, tiny_c
     checkpoint["train_config"]["min_lr"] = 4e-4  # an absolute floor, as older runs saved it
     save_checkpoint(path, checkpoint)
     resumed = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)
-    run, _, _, _ = train_model.build_run([*resumed, "--resume"])
-    assert run.train_config.optimizer == "adamw"
+    run, _, _ = build_training([*resumed, "--resume"])
+    assert run.config.optimizer == "adamw"
     assert isinstance(run.optimizer, torch.optim.AdamW)
-    assert run.train_config.min_lr_fraction == pytest.approx(4e-4 / 5e-3)
+    assert run.config.min_lr_fraction == pytest.approx(4e-4 / 5e-3)
 
 
 def test_grad_scaler_steps_the_combined_optimizer(tiny_model_config):

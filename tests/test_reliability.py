@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import data_handling
+import common
 import train_model
 from checkpoint import load_checkpoint
 from conftest import PROJECT_ROOT, SMALL_TEXT, tiny_train_argv
@@ -145,9 +145,9 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(
 ):
     real_step = train_model.train_step
 
-    def step_that_blows_up(run, step):
-        loss = real_step(run, step)
-        if step == 12:  # what a too-high learning rate does, in one step
+    def step_that_blows_up(run, state):
+        loss = real_step(run, state)
+        if state.step == 12:  # what a too-high learning rate does, in one step
             with torch.no_grad():
                 run.model.blocks[0].mlp.fc_in.weight.fill_(float("nan"))
         return loss
@@ -174,7 +174,7 @@ def test_full_disk_while_saving_is_reported_and_keeps_the_previous_checkpoint(
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data_handling.os, "fsync", disk_full)
+    monkeypatch.setattr(common.os, "fsync", disk_full)
     argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=20)
     assert train_model.main([*argv, "--resume"]) == 1
     err = capsys.readouterr().err

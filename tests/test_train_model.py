@@ -16,10 +16,10 @@ import torch
 
 import train_model
 from checkpoint import load_checkpoint
-from conftest import tiny_train_argv
+from common import UserFacingError
+from conftest import build_training, tiny_train_argv
 from devices import resolve_device
-from hyperparameters import UserFacingError
-from train_model import build_run, train_step
+from train_model import train_step
 from training_log import bits_per_char
 
 
@@ -37,7 +37,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_corpus, monk
     big_y = torch.randint(0, 20, (8, 16))
 
     def gradients_after_one_step(batch_size, accumulation):
-        run, _, _, _ = build_run(
+        run, state, _ = build_training(
             tiny_train_argv(
                 tmp_path / f"out{accumulation}",
                 tiny_corpus,
@@ -52,7 +52,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_corpus, monk
         run.optimizer.step = lambda: captured.update(
             {n: p.grad.clone() for n, p in run.model.named_parameters()}
         )
-        train_step(run, 0)
+        train_step(run, state)
         return captured
 
     one_batch = gradients_after_one_step(8, 1)
@@ -94,8 +94,8 @@ def stop_after(steps: int, monkeypatch) -> None:
     real_step = train_model.train_step
     calls = {"n": 0}
 
-    def counting_step(run, step):
-        loss = real_step(run, step)
+    def counting_step(run, state):
+        loss = real_step(run, state)
         calls["n"] += 1
         if calls["n"] == steps:
             os.kill(os.getpid(), signal.SIGINT)

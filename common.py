@@ -1,0 +1,64 @@
+"""Helpers every other file uses: one-line errors for people, safe file writes, PNG figures.
+
+Nothing here knows about models or text; it sits below every other module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class UserFacingError(Exception):
+    """A problem the user can fix (bad option, missing file...): shown as one line, exit 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (or its type's name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def print_error(prog: str, err: BaseException) -> None:
+    """Print a user-facing failure as one line on stderr."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def sha256_hex(data: bytes) -> str:
+    """The sha256 digest of `data` as 64 hex characters."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp_path = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())  # the bytes are on disk before the name points at them
+        tmp_path.replace(path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def figure_png(fig: Any, dpi: int = 100) -> bytes:
+    """Render a matplotlib figure as PNG bytes and free the figure."""
+    import matplotlib.pyplot as plt  # imported on first use: slow, and only drawing needs it
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
