@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from app_backend import (
@@ -24,12 +23,14 @@ from app_backend import (
     facts_markdown,
     generate_stream,
     load_model,
+    runs_beside,
+    runs_comparison,
     training_plot,
 )
 from common import UserFacingError, first_line, print_error
 from devices import resolve_device
 from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
-from run_folder import RunFolder
+from run_folder import checkpoint_to_sample
 
 PROG = "app.py"
 CONCURRENCY_LIMIT = 4  # generations running at once; more wait in the queue
@@ -56,11 +57,7 @@ def build_demo(
         with gr.Tab("Generate"):
             _generate_tab(gr, loaded, defaults)
         with gr.Tab("Training"):
-            figure = training_plot(loaded.folder.metrics)
-            if figure is None:
-                gr.Markdown(f"No training log found at `{loaded.folder.metrics}`.")
-            else:
-                gr.Plot(value=figure, label="loss curves", elem_id="loss-plot")
+            _training_tab(gr, loaded)
         with gr.Tab("Attention"):
             _attention_tab(gr, loaded)
     return demo
@@ -107,6 +104,24 @@ def _generate_tab(gr: Any, loaded: LoadedModel, defaults: SampleConfig) -> None:
     )
 
 
+def _training_tab(gr: Any, loaded: LoadedModel) -> None:
+    figure = training_plot(loaded.folder.metrics)
+    if figure is None:
+        gr.Markdown(f"No training log found at `{loaded.folder.metrics}`.")
+        return
+    gr.Plot(value=figure, label="loss curves", elem_id="loss-plot")
+    runs = runs_beside(loaded.folder)
+    if len(runs) < 2:
+        return
+    gr.Markdown("### Runs side by side\nPick the runs to compare (found beside this one).")
+    names = [folder.path.name for folder in runs]
+    picked = gr.CheckboxGroup(names, value=[loaded.folder.path.name], label="Runs", elem_id="runs")
+    figure, table = runs_comparison(runs, [loaded.folder.path.name])
+    plot = gr.Plot(value=figure, label="validation loss per character", elem_id="runs-plot")
+    summary = gr.Markdown(table, elem_id="runs-table")
+    picked.change(functools.partial(runs_comparison, runs), inputs=picked, outputs=[plot, summary])
+
+
 def _attention_tab(gr: Any, loaded: LoadedModel) -> None:
     gr.Markdown(
         "Each square shows one head of one layer: row *t* is how the token at position *t* "
@@ -151,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         parser, [SampleConfig, TrainConfig], argv
     )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    path = Path(sample_config.ckpt or RunFolder(Path(train_config.out_dir)).sampling_checkpoint)
+    path = checkpoint_to_sample(sample_config.ckpt, train_config.out_dir)
     loaded, problem = None, ""
     try:
         loaded = load_model(path, resolve_device(train_config.device), sample_config.precision)

@@ -18,10 +18,11 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import figure_png
+from compare_runs import runs_table
 from data_handling import CharTokenizer, Tokenizer, stream_decode
 from model_architecture import GPT, attention_maps, generate
-from run_folder import RunFolder
-from training_log import bits_per_char, loss_figure, read_history
+from run_folder import RunFolder, runs_under
+from training_log import bits_per_char, loss_figure, read_history, runs_figure
 
 MAX_PROMPT_CHARS = 2000  # longer prompts keep their end: the model sees block_size at most
 MAX_NEW_TOKENS = 2000
@@ -152,6 +153,22 @@ def training_plot(metrics_path: Path) -> Any:
     """Train and validation loss against step from the run's metrics.jsonl; None if absent."""
     history = read_history(metrics_path)
     return loss_figure(history) if history else None
+
+
+def runs_beside(folder: RunFolder) -> list[RunFolder]:
+    """The run folders next to this run's (under out/, usually), this run's included."""
+    runs = runs_under(folder.path.parent)
+    return runs if folder in runs else [folder, *runs]
+
+
+def runs_comparison(runs: list[RunFolder], names: list[str]) -> tuple[Any, str]:
+    """The picked runs' validation curves overlaid, and their table (None and "" if none)."""
+    picked = [folder for folder in runs if folder.path.name in (names or [])]
+    picked = [folder for folder in picked if read_history(folder.metrics)]
+    if not picked:
+        return None, ""
+    figure = runs_figure({folder.path.name: read_history(folder.metrics) for folder in picked})
+    return figure, f"```\n{runs_table(picked)}\n```"
 
 
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:

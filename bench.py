@@ -2,8 +2,9 @@
 
     python bench.py                              # every measurement; figures also in bench.json
     python bench.py --only roof train            # some of them
-    python bench.py --metrics out/metrics.jsonl  # also: time-to-quality of a finished run
-    python bench.py --only --full_val out/ckpt_best.pth   # a model's loss on all validation text
+    python bench.py --metrics                    # also: time-to-quality of the latest run
+    python bench.py --only --full_val            # the latest run's loss on all validation text
+    python bench.py --only --full_val out/run-20261123-101500/ckpt_last.pth   # another model
     python bench.py --threads 4 --json bench_4threads.json
     python bench.py --only train --shapes defaults --compile     # torch.compile's effect
 
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,9 @@ from data_handling import load_splits
 from hyperparameters import ModelConfig, TrainConfig
 from model_architecture import GPT, generate
 from optimization import make_optimizer
+from run_folder import RunFolder, latest_run
 from train_model import Run, train_step
-from training_log import bits_per_char, nats_per_char, read_history
+from training_log import bits_per_char, first_reached, nats_per_char, read_history
 
 CHARS, GPT2_TOKENS = 65, 50257  # vocabulary sizes: Tiny Shakespeare's characters, GPT-2 BPE
 SIX_BY_384 = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS)
@@ -114,12 +117,12 @@ def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str,
         autocast=contextlib.nullcontext(),
     )
     state = TrainingState(batch_generator=torch.Generator().manual_seed(0))
-    train_step(run, state).item()  # warm up: allocations, kernel selection
+    train_step(run, state)[0].item()  # warm up: allocations, kernel selection
     seconds = []
     for step in range(1, steps + 1):
         state.step = step
         start = time.perf_counter()
-        train_step(run, state).item()
+        train_step(run, state)[0].item()  # the loss: waits for the step to finish
         seconds.append(time.perf_counter() - start)
     step_s = statistics.median(seconds)
     tokens_per_s = run.tokens_per_step() / step_s
@@ -158,7 +161,7 @@ def time_to_quality(metrics_path: Path) -> dict[str, Any]:
     rows = read_history(metrics_path)
     reached: dict[str, Any] = {}
     for target in QUALITY_TARGETS:
-        hit = next((r for r in rows if nats_per_char(r["val_bpc"]) <= target), None)
+        hit = first_reached(rows, target)
         reached[f"{target:.2f} nats/char"] = hit["elapsed_s"] if hit else None
     best = min(rows, key=lambda r: r["val_bpc"])
     reached["best nats/char"] = nats_per_char(best["val_bpc"])
@@ -240,6 +243,14 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"quality {target}: {seconds if seconds is not None else 'not reached'}")
 
 
+def run_file(given: str, pick: Callable[[RunFolder], Path]) -> Path:
+    """A file named on the command line, or pick()'s file of a run folder (or the latest run)."""
+    if not given:
+        return pick(latest_run())
+    path = Path(given)
+    return pick(RunFolder(path)) if path.is_dir() else path
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: which measurements, and on what."""
     parser = argparse.ArgumentParser(
@@ -252,8 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=["roof", "train", "generate"],
         help="which measurements (none at all: only --metrics and --full_val)",
     )
-    parser.add_argument("--metrics", help="a run's metrics.jsonl, for time-to-quality")
-    parser.add_argument("--full_val", help="a checkpoint: its loss on the whole validation split")
+    parser.add_argument(
+        "--metrics",
+        nargs="?",
+        const="",
+        help="time-to-quality of a run: its folder or metrics.jsonl (alone: the latest run)",
+    )
+    parser.add_argument(
+        "--full_val",
+        nargs="?",
+        const="",
+        help="loss on the whole validation split of a checkpoint, or of a run folder's best "
+        "(alone: the latest run's)",
+    )
     parser.add_argument(
         "--precision",
         choices=["float32", "bfloat16"],
@@ -320,10 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         results["train"] = measure_training(args)
     if "generate" in args.only:
         results["generate"] = measure_generation(args.threads)
-    if args.metrics:
-        results["quality"] = time_to_quality(Path(args.metrics))
-    if args.full_val:
-        results["full_validation"] = full_validation_loss(Path(args.full_val), args.precision)
+    if args.metrics is not None:
+        metrics = run_file(args.metrics, lambda folder: folder.metrics)
+        results["quality"] = time_to_quality(metrics)
+    if args.full_val is not None:
+        checkpoint = run_file(args.full_val, lambda folder: folder.sampling_checkpoint)
+        results["full_validation"] = full_validation_loss(checkpoint, args.precision)
     print_report(results)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"figures written to {args.json}")

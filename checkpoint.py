@@ -167,6 +167,11 @@ def saved_settings(checkpoint: dict[str, Any]) -> RunSettings:
         raise UserFacingError(f"the saved run's settings are not valid ({err})") from None
 
 
+def saved_tokenizer(checkpoint: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a checkpoint's model reads and writes."""
+    return tokenizer_from_dict(checkpoint["tokenizer"])
+
+
 def model_from_checkpoint(
     checkpoint: dict[str, Any], device: torch.device, precision: str = "float32"
 ) -> tuple[GPT, Tokenizer]:
@@ -176,7 +181,7 @@ def model_from_checkpoint(
     so that makes generation faster.
     """
     model_config = saved_model_config(checkpoint)
-    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    tokenizer = saved_tokenizer(checkpoint)
     if tokenizer.vocab_size != model_config.vocab_size:
         raise UserFacingError(
             f"checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model expects "

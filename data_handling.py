@@ -113,6 +113,8 @@ def read_corpus(path: Path) -> str:
 class CharTokenizer:
     """One token per character; the vocabulary is the sorted set of the corpus' characters."""
 
+    kind = "char"
+
     def __init__(self, chars: str) -> None:
         assert len(set(chars)) == len(chars), "character vocabulary has duplicates"
         self.chars = chars
@@ -147,7 +149,7 @@ class CharTokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         """The description stored in a checkpoint: the whole vocabulary."""
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": self.kind, "chars": self.chars}
 
     def cache_key(self) -> str:
         """Identifies this exact vocabulary, for the token cache's file name."""
@@ -173,6 +175,8 @@ def load_gpt2_ranks(path: Path = GPT2_RANKS_PATH) -> dict[bytes, int]:
 class BPETokenizer:
     """GPT-2's byte-pair encoding (50,257 ids), built locally by tiktoken."""
 
+    kind = "bpe"
+
     def __init__(self, ranks_path: Path = GPT2_RANKS_PATH) -> None:
         self.encoding = tiktoken.Encoding(
             name="gpt2",
@@ -196,7 +200,7 @@ class BPETokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         """The description stored in a checkpoint: the encoding's name and ranks digest."""
-        return {"kind": "bpe", "encoding": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256}
+        return {"kind": self.kind, "encoding": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256}
 
     def cache_key(self) -> str:
         """Identifies this exact encoding, for the token cache's file name."""
@@ -335,6 +339,15 @@ class CorpusSplits:
     tokenizer: Tokenizer
     tokens: dict[str, torch.Tensor]  # "train" and "val": 1-D int64 ids
     chars: dict[str, int]  # how many characters of the text each split holds
+
+    def summary(self) -> str:
+        """One line about the corpus and its splits, for the start of training."""
+        train, val = self.tokens["train"], self.tokens["val"]
+        return (
+            f"corpus {self.path}: {sum(self.chars.values()):,} characters, "
+            f"{self.tokenizer.kind} tokenizer with {self.tokenizer.vocab_size:,} tokens; "
+            f"{len(train):,} training and {len(val):,} validation tokens"
+        )
 
     def tokens_per_char(self) -> dict[str, float]:
         """Tokens per character of each split: turns a loss per token into one per character."""

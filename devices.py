@@ -115,6 +115,17 @@ def init_distributed(requested_device: str) -> tuple[Distributed, torch.device]:
     return context, device
 
 
+def start_random_streams(
+    config: TrainConfig, distributed: Distributed, resumed_step: int
+) -> torch.Generator:
+    """Seed dropout and return the batch generator; each process gets streams of its own."""
+    # Process 0 of a torchrun job is the twin of a plain run. A resumed run's process 0 gets
+    # its saved streams back afterwards; the others start fresh ones.
+    seed = config.seed + distributed.rank + (resumed_step if distributed.rank > 0 else 0)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
 def shutdown_distributed() -> None:
     """Leave the torchrun job cleanly, if this process joined one."""
     if dist.is_initialized():

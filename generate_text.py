@@ -22,7 +22,7 @@ from data_handling import Tokenizer, stream_decode
 from devices import resolve_device
 from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
 from model_architecture import GPT, generate
-from run_folder import RunFolder
+from run_folder import checkpoint_to_sample
 
 PROG = "generate_text.py"
 SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"
@@ -40,13 +40,6 @@ def read_prompt(config: SampleConfig) -> str:
     if not prompt:
         raise UserFacingError("the prompt is empty; give at least one character with --prompt")
     return prompt
-
-
-def checkpoint_path(sample_config: SampleConfig, train_config: TrainConfig) -> Path:
-    """--ckpt if given, else the checkpoint for sampling of the run in --out_dir."""
-    if sample_config.ckpt:
-        return Path(sample_config.ckpt)
-    return RunFolder(Path(train_config.out_dir)).sampling_checkpoint
 
 
 def write_sample(
@@ -81,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (sample_config, train_config), _ = parse_configs(parser, [SampleConfig, TrainConfig], argv)
         device = resolve_device(train_config.device)
-        checkpoint = load_checkpoint(checkpoint_path(sample_config, train_config))
+        checkpoint = load_checkpoint(checkpoint_to_sample(sample_config.ckpt, train_config.out_dir))
         model, tokenizer = model_from_checkpoint(checkpoint, device, sample_config.precision)
         prompt_ids = tokenizer.encode(read_prompt(sample_config))
     except UserFacingError as err:

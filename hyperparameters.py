@@ -98,8 +98,11 @@ class TrainConfig:
     eval_interval: int = setting(250, "evaluate and checkpoint every this many steps")
     eval_iters: int = setting(20, "batches per split when estimating the loss")
     log_interval: int = setting(10, "refresh the progress bar's loss every this many steps")
-    out_dir: str = setting("out", "folder for checkpoints, metrics and the loss plot")
+    out_dir: str = setting(
+        "", "run folder; empty: a new one under out/ to train, out/'s latest to resume or sample"
+    )
     resume: bool = setting(False, "continue the run saved in out_dir/ckpt_last.pth")
+    overwrite: bool = setting(False, "start a new run in an out_dir that holds one, replacing it")
     device: Literal["auto", "cpu", "cuda", "mps"] = setting(
         "auto", "auto tries cuda, then mps, then cpu"
     )
@@ -135,8 +138,6 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.out_dir:
-            problems.append("out_dir must not be empty")
         raise_if_any(problems)
 
 
@@ -144,7 +145,7 @@ class TrainConfig:
 class SampleConfig:
     """How to draw text from a trained model."""
 
-    ckpt: str = setting("", "checkpoint file to sample from; empty = out_dir/ckpt_best.pth")
+    ckpt: str = setting("", "checkpoint file to sample from; empty = out_dir's best checkpoint")
     prompt: str = setting("\n", "text the samples continue from")
     prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
     num_samples: int = setting(1, "how many samples to draw; 1..10")

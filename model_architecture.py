@@ -103,7 +103,9 @@ class LayerCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep k, v (B, nh, T, hs) of positions start..; return all so far (B, nh, start+T, hs)."""
         end = start + k.size(2)
         assert end <= self.keys.size(2), f"cache overflow: {end} > {self.keys.size(2)}"
@@ -120,10 +122,6 @@ class KVCache:
     ) -> None:
         self.layers = [LayerCache(config, batch_size, device, dtype) for _ in range(config.n_layer)]
         self.length = 0  # positions 0..length-1 are stored
-
-    def reset(self) -> None:
-        """Forget every position; the buffers are kept and overwritten."""
-        self.length = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +418,7 @@ def generate(
             # cache this happens once every block_size // 2 tokens.
             start = window_start
             if cache is not None:
-                cache.reset()
+                cache.length = 0  # forget every position: the buffers are overwritten
             logits, _ = model(torch.tensor([tokens[start:]], device=weight.device), cache=cache)
 
 
@@ -443,7 +441,7 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     T = idx.size(1)
     x = model.embed(idx)  # (1, T, C)
     maps = []
-    for block in model.blocks:
+    for block in model.blocks:  # Block.forward's path, keeping each attention's weights
         q, k, _ = block.attn.queries_keys_values(block.norm_1(x), start=0)  # (1, nh, T, hs)
         maps.append(attention_weights(q, k, block.attn.causal_mask[:T, :T])[0])  # (nh, T, T)
         x = block(x)  # (1, T, C)

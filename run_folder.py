@@ -1,22 +1,30 @@
-"""The files of one training run, and their names, in one place.
+"""The files of one training run, their names, and where runs go, in one place.
 
-A run folder (`--out_dir`, `out/` by default) holds:
+Every run gets a folder of its own, so that no run replaces another: `--out_dir` names it, or
+else it is a new folder under out/ named by the time the run starts (out/run-20261123-164512).
+out/latest.txt names the run started last under out/, which generation, the web demo and
+--resume use when they are not told which run to take. A run folder holds:
 
     ckpt_last.pth    the latest checkpoint: what --resume continues
     ckpt_best.pth    the checkpoint with the lowest validation loss: what sampling uses
     metrics.jsonl    one line per evaluation (see training_log.py)
     loss.png         the loss curves
     config.json      the run's settings, for people to read
+    events.out.tfevents.*   TensorBoard's log: `tensorboard --logdir out` compares the runs
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from common import write_atomically
+from common import UserFacingError, write_atomically
+
+RUNS_ROOT = Path("out")  # where runs go when no --out_dir is given
+LATEST = "latest.txt"  # in RUNS_ROOT: the name of the run started last there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +68,99 @@ class RunFolder:
         """config.json: the run's settings, written when it starts."""
         return self.path / "config.json"
 
-    def start(self, settings: dict[str, Any]) -> None:
-        """Create the folder, clear what a killed run left, record the settings in config.json."""
+    def read_settings(self) -> dict[str, Any]:
+        """The settings config.json records ({} if it is missing or unreadable)."""
+        try:
+            settings = json.loads(self.settings.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return settings if isinstance(settings, dict) else {}
+
+    def event_files(self) -> list[Path]:
+        """TensorBoard's event files of the run."""
+        return sorted(self.path.glob("events.out.tfevents.*"))
+
+    def holds_a_run(self) -> bool:
+        """Whether a run has saved a checkpoint here (one that another run must not replace)."""
+        return self.last_checkpoint.exists() or self.best_checkpoint.exists()
+
+    def clear(self) -> None:
+        """Delete the run's files (for --overwrite); other files in the folder stay."""
+        files = [self.last_checkpoint, self.best_checkpoint, self.metrics, self.loss_plot]
+        for path in [*files, self.settings, *self.event_files()]:
+            path.unlink(missing_ok=True)
+
+    def start(self, settings: dict[str, Any], replace: bool = False) -> None:
+        """Create the folder, clear what a killed run left, record the settings in config.json.
+
+        With replace (--overwrite), the run the folder held is deleted first.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
+        if replace:
+            self.clear()
         for leftover in self.path.glob(".*.tmp"):  # from common.write_atomically, cut short
             leftover.unlink()
         write_atomically(self.settings, json.dumps(settings, indent=2).encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding runs
+
+
+def new_run_folder(root: Path = RUNS_ROOT) -> RunFolder:
+    """A folder under root for a new run, named by the time (a suffix if the name is taken)."""
+    name = time.strftime("run-%Y%m%d-%H%M%S")
+    candidate, number = root / name, 2
+    while candidate.exists():
+        candidate, number = root / f"{name}-{number}", number + 1
+    return RunFolder(candidate)
+
+
+def mark_latest(folder: RunFolder, root: Path = RUNS_ROOT) -> None:
+    """Remember the folder as the latest run, if it lies directly under root."""
+    if folder.path.resolve().parent == root.resolve():
+        write_atomically(root / LATEST, (folder.path.name + "\n").encode("utf-8"))
+
+
+def latest_run(root: Path = RUNS_ROOT) -> RunFolder:
+    """The run started last under root; root itself if it is a run folder of its own."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if name and Path(name).name == name:  # a plain name: never a path out of root
+            return RunFolder(root / name)
+    return RunFolder(root)  # a run trained into out/ itself, or none yet
+
+
+def chosen_run(out_dir: str) -> RunFolder:
+    """--out_dir's run if one is named, else the latest run under out/."""
+    return RunFolder(Path(out_dir)) if out_dir else latest_run()
+
+
+def checkpoint_to_sample(ckpt: str, out_dir: str) -> Path:
+    """--ckpt if given, else the sampling checkpoint of --out_dir's run (or the latest run)."""
+    return Path(ckpt) if ckpt else chosen_run(out_dir).sampling_checkpoint
+
+
+def folder_for_new_run(out_dir: str, overwrite: bool) -> RunFolder:
+    """--out_dir, or a new folder under out/, for a new run.
+
+    A folder that holds a run is refused unless --overwrite says to replace it: no run
+    silently replaces another.
+    """
+    folder = RunFolder(Path(out_dir)) if out_dir else new_run_folder()
+    if folder.holds_a_run() and not overwrite:
+        raise UserFacingError(
+            f"{folder.path} holds another run; continue it with --resume, train into another "
+            "--out_dir (or none: a new folder under out/), or replace it with --overwrite"
+        )
+    return folder
+
+
+def runs_under(root: Path) -> list[RunFolder]:
+    """Every run folder directly under root (and root itself if it is one), by name."""
+    if not root.is_dir():
+        return []
+    subfolders = sorted(path for path in root.iterdir() if path.is_dir())
+    folders = [RunFolder(root), *(RunFolder(path) for path in subfolders)]
+    return [folder for folder in folders if folder.metrics.is_file()]

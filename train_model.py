@@ -1,12 +1,13 @@
-"""Train the GPT on a text corpus, with periodic evaluation, checkpoints and a loss plot.
+"""Train the GPT on a text corpus, with periodic evaluation, checkpoints and logs.
 
     python train_model.py                          # Tiny Shakespeare, the defaults
     python train_model.py --data my.txt --tokenizer bpe --max_iters 5000
-    python train_model.py --resume                 # continue out/ckpt_last.pth
+    python train_model.py --resume                 # continue the latest run
     python train_model.py --help                   # every setting, with its default
 
-Writes to out_dir: ckpt_last.pth (latest), ckpt_best.pth (lowest validation loss),
-metrics.jsonl (one line per evaluation), loss.png and config.json.
+Each run writes to a folder of its own (out_dir; by default a new folder under out/):
+ckpt_last.pth (latest), ckpt_best.pth (lowest validation loss), metrics.jsonl (one line per
+evaluation), loss.png, config.json and a TensorBoard log (`tensorboard --logdir out`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from checkpoint import (
     restore_training_state,
     save_checkpoint,
     saved_settings,
+    saved_tokenizer,
 )
 from common import UserFacingError, print_error
-from data_handling import CorpusSplits, get_batch, load_splits, tokenizer_from_dict
+from data_handling import CorpusSplits, Tokenizer, get_batch, load_splits
 from devices import (
     Distributed,
     any_process,
@@ -44,6 +46,7 @@ from devices import (
     process_rank,
     setup_compute,
     shutdown_distributed,
+    start_random_streams,
     wait_for_all,
     wrap_model,
 )
@@ -56,12 +59,20 @@ from hyperparameters import (
     parse_configs,
     settings_for_resume,
 )
-from model_architecture import GPT
+from model_architecture import GPT, generate
 from optimization import Optimizer, learning_rate_at, make_optimizer
-from run_folder import RunFolder
-from training_log import evaluation_row, plot_losses, read_history, write_history
+from run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
+from training_log import (
+    Progress,
+    TensorBoardLog,
+    evaluation_row,
+    plot_losses,
+    read_history,
+    write_history,
+)
 
 PROG = "train_model.py"
+SAMPLE_TOKENS = 200  # the length of the sample logged at each evaluation
 
 
 class TrainingDiverged(Exception):
@@ -101,10 +112,11 @@ class Run:
         return sequences * self.model.config.block_size
 
 
-def train_step(run: Run, state: TrainingState) -> torch.Tensor:
+def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimizer step number state.step, over gradient_accumulation_steps micro-batches.
 
-    Returns the step's loss (a tensor, so that reading it does not wait for the step).
+    Returns the step's loss and the gradient norm before clipping (tensors: reading them
+    waits for the step, so the loop does that only every log_interval steps).
     """
     config = run.config
     for group in run.optimizer.param_groups:
@@ -128,13 +140,15 @@ def train_step(run: Run, state: TrainingState) -> torch.Tensor:
             loss = loss / config.gradient_accumulation_steps
             run.scaler.scale(loss).backward()
         total_loss += loss.detach()
+    run.scaler.unscale_(run.optimizer)  # true gradients, for their norm and for clipping
     if config.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm(p.grad for p in run.model.parameters())
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return total_loss
+    return total_loss, grad_norm
 
 
 @torch.no_grad()
@@ -158,6 +172,18 @@ def estimate_loss(run: Run) -> dict[str, float]:
         losses[name] = total / config.eval_iters
     run.compiled.train()
     return losses
+
+
+@torch.no_grad()
+def evaluation_sample(run: Run, tokenizer: Tokenizer) -> str:
+    """A short text from the model as it is now: the same prompt and seed at every evaluation."""
+    prompt = run.splits["val"][:1].tolist()  # the validation text's first token
+    generator = torch.Generator(device=run.device).manual_seed(run.config.seed)
+    run.model.eval()
+    new_ids = generate(run.model, prompt, SAMPLE_TOKENS, temperature=0.8, generator=generator)
+    text = tokenizer.decode([*prompt, *new_ids])
+    run.model.train()
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,11 +223,13 @@ def read_settings(argv: list[str] | None) -> tuple[RunSettings, dict[str, Any] |
     (model_config, data_config, train_config), given = parse_configs(
         parser, [ModelConfig, DataConfig, TrainConfig], argv
     )
-    settings = RunSettings(model=model_config, data=data_config, train=train_config)
     if not train_config.resume:
-        return settings, None
-    checkpoint = load_checkpoint(RunFolder(Path(train_config.out_dir)).last_checkpoint)
-    settings = settings_for_resume(saved_settings(checkpoint), given, train_config.out_dir)
+        folder = folder_for_new_run(train_config.out_dir, train_config.overwrite)
+        train_config = dataclasses.replace(train_config, out_dir=str(folder.path))
+        return RunSettings(model=model_config, data=data_config, train=train_config), None
+    folder = chosen_run(train_config.out_dir)
+    checkpoint = load_checkpoint(folder.last_checkpoint)
+    settings = settings_for_resume(saved_settings(checkpoint), given, str(folder.path))
     if checkpoint["step"] >= settings.train.max_iters:
         raise UserFacingError(
             f"the saved run already did {checkpoint['step']} steps; raise --max_iters to "
@@ -212,26 +240,10 @@ def read_settings(argv: list[str] | None) -> tuple[RunSettings, dict[str, Any] |
 
 def load_data(data_config: DataConfig, block_size: int, checkpoint: dict | None) -> CorpusSplits:
     """The corpus, tokenized (with a resumed run's own tokenizer) and split; print its facts."""
-    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None
+    tokenizer = saved_tokenizer(checkpoint) if checkpoint else None
     corpus = load_splits(data_config, block_size, tokenizer)
-    train, val = corpus.tokens["train"], corpus.tokens["val"]
-    print(
-        f"corpus {corpus.path}: {sum(corpus.chars.values()):,} characters, "
-        f"{data_config.tokenizer} tokenizer with {corpus.tokenizer.vocab_size:,} tokens; "
-        f"{len(train):,} training and {len(val):,} validation tokens"
-    )
+    print(corpus.summary())
     return corpus
-
-
-def start_random_streams(
-    config: TrainConfig, distributed: Distributed, resumed_step: int
-) -> torch.Generator:
-    """Seed dropout and return the batch generator; each process gets streams of its own."""
-    # Process 0 of a torchrun job is the twin of a plain run. A resumed run's process 0 gets
-    # its saved streams back afterwards; the others start fresh ones.
-    seed = config.seed + distributed.rank + (resumed_step if distributed.rank > 0 else 0)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def starting_state(run: Run, checkpoint: dict[str, Any] | None, folder: RunFolder) -> TrainingState:
@@ -239,8 +251,8 @@ def starting_state(run: Run, checkpoint: dict[str, Any] | None, folder: RunFolde
     resumed_step = checkpoint["step"] if checkpoint is not None else 0
     batch_generator = start_random_streams(run.config, run.distributed, resumed_step)
     if checkpoint is None:
-        if folder.last_checkpoint.exists():
-            print(f"starting a new run: the checkpoints in {folder.path} will be replaced")
+        if folder.holds_a_run():  # only with --overwrite: read_settings refuses otherwise
+            print(f"starting a new run: the run in {folder.path} will be replaced (--overwrite)")
         return TrainingState(batch_generator)
     state = restore_training_state(
         checkpoint,
@@ -303,9 +315,13 @@ def save(run: Run, state: TrainingState, description: RunDescription, path: Path
 
 
 def evaluate_and_save(
-    run: Run, state: TrainingState, description: RunDescription, folder: RunFolder
+    run: Run,
+    state: TrainingState,
+    description: RunDescription,
+    folder: RunFolder,
+    progress: Progress,
 ) -> None:
-    """Evaluate, log a metrics line, refresh the plot, save the checkpoints."""
+    """Evaluate, log a metrics line, refresh the plot and the log, save the checkpoints."""
     losses = estimate_loss(run)
     if not all(math.isfinite(loss) for loss in losses.values()):
         raise TrainingDiverged(losses["train"], state.step, folder.path)
@@ -322,6 +338,9 @@ def evaluate_and_save(
         state.best_val_loss = losses["val"]
         save(run, state, description, folder.best_checkpoint)
     save(run, state, description, folder.last_checkpoint)
+    if progress.board is not None:
+        best_bpc = min(r["val_bpc"] for r in state.history)
+        progress.board.log_evaluation(row, best_bpc, evaluation_sample(run, description.tokenizer))
 
 
 def save_and_stop(
@@ -340,54 +359,38 @@ def save_and_stop(
     return 130
 
 
-def show_progress(
-    bar: tqdm, run: Run, state: TrainingState, loss: torch.Tensor, steps: int, seconds: float
-) -> None:
-    """Put the latest loss, learning rate and throughput on the progress bar."""
-    loss_value = loss.item()  # the only host sync in the loop, every log_interval steps
-    if not math.isfinite(loss_value):
-        raise TrainingDiverged(loss_value, state.step, Path(run.config.out_dir))
-    bar.set_postfix(
-        loss=f"{loss_value:.4f}",
-        lr=f"{learning_rate_at(state.step, run.config):.2e}",
-        tok_s=f"{steps * run.tokens_per_step() / seconds:,.0f}",
-    )
-
-
 def train(run: Run, state: TrainingState, description: RunDescription, folder: RunFolder) -> int:
     """The training loop: evaluate when due, step, report; returns the exit status."""
     config = run.config
-    # Progress is output: it goes to stdout, and stderr stays for warnings and errors.
-    bar = tqdm(
-        total=config.max_iters,
-        initial=state.step,
-        desc="training",
-        file=sys.stdout,
-        dynamic_ncols=True,
-    )
+    board = None
+    if run.distributed.is_main:
+        resumed = state.step if config.resume else None
+        board = TensorBoardLog(folder.path, description.settings.to_dict(), resumed)
+    progress = Progress(config.max_iters, state.step, run.tokens_per_step(), board)
     session_start, elapsed_before = time.perf_counter(), state.elapsed_s
-    logged_step, logged_time = state.step, time.perf_counter()
-    with StopRequest() as stop, contextlib.closing(bar):
+    with StopRequest() as stop, contextlib.closing(progress):
         while True:
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             due = state.step % config.eval_interval == 0 or state.step == config.max_iters
             logged = state.history and state.history[-1]["step"] == state.step
             if due and not logged and run.distributed.is_main:
-                evaluate_and_save(run, state, description, folder)
+                evaluate_and_save(run, state, description, folder, progress)
             if state.step == config.max_iters:
                 break
             # All processes must stop at the same step, or the others would wait forever.
             if any_process(stop.requested, run.distributed, run.device):
-                bar.close()
+                progress.close()
                 return save_and_stop(run, state, description, folder)
-            loss = train_step(run, state)
+            loss, grad_norm = train_step(run, state)
             state.step += 1
             state.tokens_seen += run.tokens_per_step()
-            bar.update(1)
+            progress.bar.update(1)
             if state.step % config.log_interval == 0:
-                now = time.perf_counter()
-                show_progress(bar, run, state, loss, state.step - logged_step, now - logged_time)
-                logged_step, logged_time = state.step, now
+                loss_value = loss.item()  # the only host sync in the loop, every log_interval
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(loss_value, state.step, folder.path)
+                lr = learning_rate_at(state.step, config)
+                progress.log_step(state.step, loss_value, lr, grad_norm.item())
     wait_for_all(run.distributed)  # nobody shuts down while process 0 still saves
     if run.distributed.is_main:
         best = min(state.history, key=lambda row: row["val_loss"])
@@ -410,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = RunFolder(Path(settings.train.out_dir))
         run, state, description = build_run(settings, checkpoint, folder)
         if run.distributed.is_main:
-            folder.start(description.settings.to_dict())
+            replace = settings.train.overwrite and checkpoint is None
+            folder.start(description.settings.to_dict(), replace=replace)
+            mark_latest(folder)
         return train(run, state, description, folder)
     except UserFacingError as err:
         print_error(PROG, err)

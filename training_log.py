@@ -1,16 +1,22 @@
-"""What a training run leaves for people to read: metrics.jsonl and the loss plot.
+"""What a training run leaves for people to read: metrics.jsonl, the loss plot, TensorBoard.
 
 metrics.jsonl holds one JSON object per evaluation: step, train_loss and val_loss (nats per
 token), train_bpc and val_bpc (bits per character, comparable across tokenizers), lr and
-elapsed_s (seconds of training so far). loss.png draws the two losses against the step.
+elapsed_s (seconds of training so far). loss.png draws the two losses against the step. The
+TensorBoard log holds the same and more (see `TensorBoardLog`); `tensorboard --logdir out`
+overlays every run under out/.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from common import figure_png, write_atomically
 
@@ -58,14 +64,27 @@ def read_history(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any
     return [row for row in rows if row["step"] <= up_to_step]
 
 
-def loss_figure(history: list[dict[str, Any]]) -> Any:
-    """A matplotlib figure of train and validation loss against step."""
-    # Imported here, not at the top: matplotlib is slow to import and only needed at evals.
+def first_reached(history: list[dict[str, Any]], nats_per_char_target: float) -> Any:
+    """The first evaluation at or below a validation loss in nats per character, or None."""
+    return next(
+        (row for row in history if nats_per_char(row["val_bpc"]) <= nats_per_char_target), None
+    )
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot, drawing to files (no display needed)."""
+    # Imported on first use, not at the top: matplotlib is slow to import.
     import matplotlib
 
-    matplotlib.use("Agg")  # draw to files, no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def loss_figure(history: list[dict[str, Any]]) -> Any:
+    """A matplotlib figure of train and validation loss against step."""
+    plt = _pyplot()
     steps = [row["step"] for row in history]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(steps, [row["train_loss"] for row in history], label="train", color="#1f77b4")
@@ -81,3 +100,115 @@ def loss_figure(history: list[dict[str, Any]]) -> Any:
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     """Draw the loss curves into a PNG (written atomically)."""
     write_atomically(path, figure_png(loss_figure(history)))
+
+
+def runs_figure(histories: dict[str, list[dict[str, Any]]]) -> Any:
+    """Several runs' validation loss per character, by step and by training time, overlaid."""
+    plt = _pyplot()
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, history in histories.items():
+        val = [nats_per_char(row["val_bpc"]) for row in history]
+        by_step.plot([row["step"] for row in history], val, label=name)
+        by_time.plot([row["elapsed_s"] / 60 for row in history], val, label=name)
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("training time (minutes)")
+    by_step.set_ylabel("validation loss (nats per character)")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+    by_time.legend(fontsize=8)
+    fig.suptitle("Runs side by side")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard
+
+BEST_VAL_TAG = "eval/best_val_nats_per_char"  # the metric TensorBoard's HParams table compares
+
+
+def flat_settings(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{"model": {"n_layer": 4}, ...} -> {"model/n_layer": 4, ...}: TensorBoard's hparams."""
+    return {
+        f"{group}/{name}": value
+        for group, values in settings.items()
+        for name, value in values.items()
+    }
+
+
+class TensorBoardLog:
+    """The run's TensorBoard event file, in its folder (written by process 0 only).
+
+    Every log_interval steps: the training loss, learning rate, gradient norm (before
+    clipping) and tokens/s. At every evaluation: both losses per token, per character in nats
+    and in bits, the best validation loss so far, and a generated sample as text; events reach
+    the disk then. The run's settings are its hyperparameters, so TensorBoard's HParams table
+    sets runs side by side with their best validation loss.
+    """
+
+    def __init__(
+        self, folder: Path, settings: dict[str, dict[str, Any]], resumed: int | None
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
+        from torch.utils.tensorboard.summary import hparams
+
+        # A resumed run drops what the interrupted one logged after its checkpoint's step
+        # (TensorBoard discards events from that step on), so no step is there twice.
+        purge_step = None if resumed is None else resumed + 1
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+        for summary in hparams(flat_settings(settings), {BEST_VAL_TAG: 0.0}):
+            self.writer.file_writer.add_summary(summary)
+
+    def log_step(
+        self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float
+    ) -> None:
+        """The latest training step's figures."""
+        self.writer.add_scalar("step/loss", loss, step)
+        self.writer.add_scalar("step/learning_rate", lr, step)
+        self.writer.add_scalar("step/grad_norm", grad_norm, step)
+        self.writer.add_scalar("step/tokens_per_s", tokens_per_s, step)
+
+    def log_evaluation(self, row: dict[str, Any], best_val_bpc: float, sample: str) -> None:
+        """An evaluation (a metrics.jsonl row), and a sample of text; then flush to disk."""
+        step = row["step"]
+        for split in ("train", "val"):
+            self.writer.add_scalar(f"eval/{split}_loss", row[f"{split}_loss"], step)
+            self.writer.add_scalar(f"eval/{split}_bits_per_char", row[f"{split}_bpc"], step)
+            nats = nats_per_char(row[f"{split}_bpc"])
+            self.writer.add_scalar(f"eval/{split}_nats_per_char", nats, step)
+        self.writer.add_scalar(BEST_VAL_TAG, nats_per_char(best_val_bpc), step)
+        # TensorBoard renders text as Markdown; indenting by four spaces keeps it verbatim.
+        self.writer.add_text("sample", "    " + sample.replace("\n", "\n    "), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Write what is left and close the file."""
+        self.writer.close()
+
+
+class Progress:
+    """What a run shows as it goes: a progress bar, and the TensorBoard log on process 0."""
+
+    def __init__(
+        self, total: int, initial: int, tokens_per_step: int, board: TensorBoardLog | None
+    ) -> None:
+        # Progress is output: it goes to stdout, and stderr stays for warnings and errors.
+        self.bar = tqdm(
+            total=total, initial=initial, desc="training", file=sys.stdout, dynamic_ncols=True
+        )
+        self.tokens_per_step, self.board = tokens_per_step, board
+        self.logged_step, self.logged_time = initial, time.perf_counter()
+
+    def log_step(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
+        """Show the latest step's figures, with the throughput since the previous call."""
+        now = time.perf_counter()
+        tokens_per_s = (step - self.logged_step) * self.tokens_per_step / (now - self.logged_time)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if self.board is not None:
+            self.board.log_step(step, loss, lr, grad_norm, tokens_per_s)
+        self.logged_step, self.logged_time = step, now
+
+    def close(self) -> None:
+        """Close the bar and the TensorBoard file."""
+        self.bar.close()
+        if self.board is not None:
+            self.board.close()

@@ -43,15 +43,18 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def checkpoint_path(tmp_path_factory) -> Path:
-    """A small model trained for a moment on a Shakespeare-like text."""
+    """A small model trained for a moment on a Shakespeare-like text, with a second, shorter
+    run beside it (in runs/) to compare it with."""
     from conftest import SMALL_TEXT
 
     workdir = tmp_path_factory.mktemp("app")
     corpus = workdir / "corpus.txt"
     corpus.write_text(SMALL_TEXT, encoding="utf-8")
-    argv = tiny_train_argv(workdir / "out", corpus, max_iters=30, block_size=32)
+    argv = tiny_train_argv(workdir / "runs" / "main", corpus, max_iters=30, block_size=32)
     assert train_model.main(argv) == 0
-    return workdir / "out" / "ckpt_best.pth"
+    other = tiny_train_argv(workdir / "runs" / "other", corpus, max_iters=10, learning_rate=1e-2)
+    assert train_model.main(other) == 0
+    return workdir / "runs" / "main" / "ckpt_best.pth"
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +136,16 @@ def test_training_plot_reads_the_metrics_log(checkpoint_path, tmp_path):
     figure = app_backend.training_plot(checkpoint_path.parent / "metrics.jsonl")
     assert [line.get_label() for line in figure.axes[0].get_lines()] == ["train", "validation"]
     assert app_backend.training_plot(tmp_path / "missing.jsonl") is None
+
+
+def test_runs_beside_the_model_are_offered_for_comparison(loaded):
+    runs = app_backend.runs_beside(loaded.folder)
+    assert [folder.path.name for folder in runs] == ["main", "other"]
+    figure, table = app_backend.runs_comparison(runs, ["main", "other"])
+    for ax in figure.axes:
+        assert [line.get_label() for line in ax.get_lines()] == ["main", "other"]
+    assert "train/learning_rate" in table  # the setting in which the two runs differ
+    assert app_backend.runs_comparison(runs, []) == (None, "")
 
 
 def test_attention_image_has_a_heatmap_per_layer_and_head(loaded, monkeypatch):
@@ -264,6 +277,13 @@ def test_browser_generates_text_and_shows_attention(server, tmp_path):
 
         page.get_by_role("tab", name="Training").click()
         expect(page.locator("#loss-plot")).to_be_visible(timeout=30_000)
+        table = page.locator("#runs-table")
+        expect(table).to_contain_text("main")
+        expect(table).not_to_contain_text("other")
+        before = page.locator("#runs-plot img").get_attribute("src")
+        page.locator("#runs").get_by_label("other").check()  # a second run's curve joins
+        expect(table).to_contain_text("other", timeout=30_000)
+        expect(page.locator("#runs-plot img")).not_to_have_attribute("src", before)
         page.screenshot(path=shots / "training.png", full_page=True)
 
         page.get_by_role("tab", name="Attention").click()

@@ -7,6 +7,7 @@ Run alone: python -m pytest tests/test_end_to_end.py
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
         assert needle in lines[0]
 
 
+def latest_run(workdir: Path) -> Path:
+    """The run folder that out/latest.txt names."""
+    return workdir / "out" / (workdir / "out" / "latest.txt").read_text().strip()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A folder where input.txt was trained for 60 steps, then resumed up to 90 steps."""
@@ -54,8 +60,9 @@ def trained(tmp_path_factory) -> Path:
     first = run_script(TRAIN, *TINY_MODEL, "--max_iters=60", "--eval_interval=30", cwd=workdir)
     assert first.returncode == 0, first.stderr
     assert "best validation loss" in first.stdout
-    (workdir / "first_metrics.jsonl").write_text((workdir / "out" / "metrics.jsonl").read_text())
-    resumed = run_script(
+    first_metrics = (latest_run(workdir) / "metrics.jsonl").read_text()
+    (workdir / "first_metrics.jsonl").write_text(first_metrics)
+    resumed = run_script(  # no --out_dir: the latest run
         TRAIN, *TINY_MODEL, "--max_iters=90", "--eval_interval=30", "--resume", cwd=workdir
     )
     assert resumed.returncode == 0, resumed.stderr
@@ -68,20 +75,56 @@ def logged_steps(path: Path) -> list[int]:
 
 
 def test_training_writes_checkpoints_metrics_and_plot(trained):
-    out = trained / "out"
+    run = latest_run(trained)
+    assert run.parent == trained / "out"
+    assert run.name.startswith("run-")  # a folder of its own, named by the time
     for name in ("ckpt_best.pth", "ckpt_last.pth", "metrics.jsonl", "loss.png", "config.json"):
-        assert (out / name).is_file(), name
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))  # the TensorBoard log
     assert logged_steps(trained / "first_metrics.jsonl") == [0, 30, 60]
 
 
 def test_resume_continues_from_the_latest_checkpoint(trained):
-    assert logged_steps(trained / "out" / "metrics.jsonl") == [0, 30, 60, 90]  # none twice
-    checkpoint = torch.load(trained / "out" / "ckpt_last.pth", weights_only=True)
+    assert logged_steps(latest_run(trained) / "metrics.jsonl") == [0, 30, 60, 90]  # none twice
+    checkpoint = torch.load(latest_run(trained) / "ckpt_last.pth", weights_only=True)
     assert checkpoint["step"] == 90
 
 
+def test_a_second_run_keeps_the_first_and_becomes_the_latest(trained, tmp_path):
+    workdir = tmp_path / "work"
+    shutil.copytree(trained, workdir)
+    first = latest_run(workdir)
+    before = {path.name: path.read_bytes() for path in first.iterdir() if path.is_file()}
+    second = run_script(TRAIN, *TINY_MODEL, "--max_iters=10", "--eval_interval=10", cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    assert latest_run(workdir) != first
+    assert {path.name: path.read_bytes() for path in first.iterdir() if path.is_file()} == before
+    # Sampling with no flags takes the run just trained.
+    sample = ["--prompt=All:", "--max_new_tokens=30", "--seed=3"]
+    newest = run_script(GENERATE, *sample, cwd=workdir)
+    explicit = run_script(GENERATE, *sample, f"--out_dir={latest_run(workdir)}", cwd=workdir)
+    assert newest.returncode == 0, newest.stderr
+    assert newest.stdout == explicit.stdout
+    assert newest.stdout != run_script(GENERATE, *sample, f"--out_dir={first}", cwd=workdir).stdout
+
+
+def test_a_run_into_a_folder_that_holds_one_is_refused_unless_overwritten(trained, tmp_path):
+    workdir = tmp_path / "work"
+    shutil.copytree(trained, workdir)
+    run = latest_run(workdir)
+    before = (run / "ckpt_last.pth").read_bytes()
+    options = [*TINY_MODEL, "--max_iters=4", "--eval_interval=2", f"--out_dir={run}"]
+    refused = run_script(TRAIN, *options, cwd=workdir)
+    assert_one_line_error(refused, "holds another run", "--resume", "--out_dir", "--overwrite")
+    assert (run / "ckpt_last.pth").read_bytes() == before
+    replaced = run_script(TRAIN, *options, "--overwrite", cwd=workdir)
+    assert replaced.returncode == 0, replaced.stderr
+    assert logged_steps(run / "metrics.jsonl") == [0, 2, 4]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the old run's log went with it
+
+
 def test_generation_is_reproducible_and_needs_only_the_checkpoint(trained, tmp_path):
-    args = ["--prompt=All:", "--max_new_tokens=80", "--seed=3", f"--out_dir={trained / 'out'}"]
+    args = ["--prompt=All:", "--max_new_tokens=80", "--seed=3", f"--out_dir={latest_run(trained)}"]
     first = run_script(GENERATE, *args, cwd=tmp_path)  # another folder: no corpus anywhere
     second = run_script(GENERATE, *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -89,15 +132,15 @@ def test_generation_is_reproducible_and_needs_only_the_checkpoint(trained, tmp_p
     assert first.stdout.startswith("All:")
     assert len(first.stdout) >= len("All:") + 80
     other_seed = run_script(
-        GENERATE, *args[:-2], "--seed=4", f"--out_dir={trained / 'out'}", cwd=tmp_path
+        GENERATE, *args[:-2], "--seed=4", f"--out_dir={latest_run(trained)}", cwd=tmp_path
     )
     assert other_seed.stdout != first.stdout
 
 
 def test_generation_in_bfloat16_is_reproducible(trained, tmp_path):
     args = ["--prompt=All:", "--max_new_tokens=60", "--precision=bfloat16"]
-    first = run_script(GENERATE, *args, f"--out_dir={trained / 'out'}", cwd=tmp_path)
-    second = run_script(GENERATE, *args, f"--out_dir={trained / 'out'}", cwd=tmp_path)
+    first = run_script(GENERATE, *args, f"--out_dir={latest_run(trained)}", cwd=tmp_path)
+    second = run_script(GENERATE, *args, f"--out_dir={latest_run(trained)}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     assert first.stdout.startswith("All:")
@@ -107,7 +150,7 @@ def test_generation_in_bfloat16_is_reproducible(trained, tmp_path):
 def test_generation_from_an_explicit_checkpoint_with_several_samples(trained):
     result = run_script(
         GENERATE,
-        "--ckpt=out/ckpt_last.pth",
+        f"--ckpt={latest_run(trained) / 'ckpt_last.pth'}",
         "--num_samples=2",
         "--max_new_tokens=20",
         "--temperature=0",
