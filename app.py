@@ -11,6 +11,7 @@ for a short prompt, from the hand-written attention).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -142,6 +143,17 @@ def _attention_tab(gr: Any, loaded: LoadedModel) -> None:
     button.click(show_attention, inputs=prompt, outputs=[image, note], api_name="attention")
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 1..65535, from the command line."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number in 1..65535, got {text!r}")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the web demo; returns the exit status when the server stops."""
     parser = build_parser(
@@ -161,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         help="address to listen on "
         "(default: 127.0.0.1, this computer only; 0.0.0.0 = every network)",
     )
-    server.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    server.add_argument("--port", type=port_number, default=7860, help="port (default: 7860)")
     (sample_config, train_config), options = parse_configs(
         parser, [SampleConfig, TrainConfig], argv
     )
@@ -182,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             server_name=options["host"],
             server_port=options["port"],
             ssr_mode=False,
+            max_file_size=1,  # the page takes no files: refuse uploads to its API
             footer_links=["api"],
         )
-    except OSError as err:  # most often: the port is taken
+    except (OSError, ValueError) as err:  # the port is taken, the address is not this host's
         reason = first_line(err)
-        print_error(PROG, UserFacingError(f"cannot serve on port {options['port']} ({reason})"))
+        address = f"{options['host']}:{options['port']}"
+        print_error(PROG, UserFacingError(f"cannot serve on {address} ({reason})"))
         return 2
     return 0
 

@@ -20,6 +20,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from common import figure_png
 from compare_runs import runs_table
 from data_handling import CharTokenizer, Tokenizer, stream_decode
+from hyperparameters import MAX_SEED, MIN_TEMPERATURE
 from model_architecture import GPT, attention_maps, generate
 from run_folder import RunFolder, runs_under
 from training_log import bits_per_char, loss_figure, read_history, runs_figure
@@ -106,6 +107,13 @@ def prepare_prompt(text: str, tokenizer: Tokenizer) -> tuple[list[int], str]:
     return tokenizer.encode(text), "; ".join(notes)
 
 
+def clamp(value: Any, low: float, high: float, default: float) -> float:
+    """A number from the page or its API, brought into [low, high]; default if not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return default
+    return float(min(max(value, low), high))
+
+
 def generate_stream(
     loaded: LoadedModel,
     prompt: str,
@@ -115,17 +123,22 @@ def generate_stream(
     max_new_tokens: float,
     seed: float | None,
 ) -> Iterator[tuple[str, str]]:
-    """Yield (text so far, note) while the model writes; slider values are clamped to sense."""
+    """Yield (text so far, note) while the model writes; slider values are clamped to sense.
+
+    The page's sliders keep to their ranges, but its API takes any JSON number (NaN, 1e300):
+    each value is brought into its range here, and one that is not a number takes a default.
+    """
     prompt_ids, note = prepare_prompt(prompt or "", loaded.tokenizer)
     generator = torch.Generator(device=loaded.model.token_embedding.weight.device)
-    generator.manual_seed(int(seed) if seed is not None and math.isfinite(seed) else 0)
+    generator.manual_seed(int(clamp(seed, 0, MAX_SEED, 0)))
+    temperature = clamp(temperature, 0.0, 5.0, 0.0)
     new_ids = generate(
         loaded.model,
         prompt_ids,
-        max_new_tokens=int(min(max(max_new_tokens or 1, 1), MAX_NEW_TOKENS)),
-        temperature=float(min(max(temperature or 0.0, 0.0), 5.0)),
-        top_k=int(max(top_k or 0, 0)),
-        top_p=float(min(max(top_p or 1.0, 0.01), 1.0)),
+        max_new_tokens=int(clamp(max_new_tokens, 1, MAX_NEW_TOKENS, 1)),
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+        top_k=int(clamp(top_k, 0, loaded.tokenizer.vocab_size, 0)),
+        top_p=clamp(top_p, 0.01, 1.0, 1.0),
         generator=generator,
     )
     text = loaded.tokenizer.decode(prompt_ids)

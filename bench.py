@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
+from common import UserFacingError, print_error
 from data_handling import load_splits
 from hyperparameters import ModelConfig, TrainConfig
 from model_architecture import GPT, generate
@@ -159,6 +160,8 @@ def generate_speed(new_tokens: int, use_cache: bool, precision: str) -> dict[str
 def time_to_quality(metrics_path: Path) -> dict[str, Any]:
     """When (wall seconds into training) a run's validation loss first reached each target."""
     rows = read_history(metrics_path)
+    if not rows:
+        raise UserFacingError(f"{metrics_path} holds no evaluations")
     reached: dict[str, Any] = {}
     for target in QUALITY_TARGETS:
         hit = first_reached(rows, target)
@@ -181,7 +184,7 @@ def full_validation_loss(
     checkpoint = load_checkpoint(checkpoint_path)
     model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"), precision)
     block = model.config.block_size
-    val = load_splits(saved_settings(checkpoint).data, block, tokenizer).tokens["val"]
+    val = load_splits(saved_settings(checkpoint).data, block, tokenizer).tokens["val"].long()
     n_windows = (len(val) - 1) // block
     inputs = val[: n_windows * block].view(n_windows, block)
     targets = val[1 : n_windows * block + 1].view(n_windows, block)
@@ -330,7 +333,15 @@ def measure_generation(threads: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen measurements, print them, write the JSON file; returns the status."""
-    args = build_parser().parse_args(argv)
+    try:
+        return measure(build_parser().parse_args(argv))
+    except (UserFacingError, OSError) as err:
+        print_error("bench.py", err)
+        return 2
+
+
+def measure(args: argparse.Namespace) -> int:
+    """Everything main does once the command line is read."""
     torch.set_num_threads(args.threads)
     if args.case:
         print(json.dumps(case_main(args.case)))

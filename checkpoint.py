@@ -10,6 +10,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
     optimizer, scaler               their state_dicts, to resume exactly
     step, best_val_loss, tokens_seen, elapsed_s   the run's progress
     tokens_per_char  {"train": ..., "val": ...}: turns a loss per token into one per character
+    corpus_sha256    the text trained on, so that --resume cannot switch corpora unnoticed
     rng              the random streams: torch's (dropout), the batches', CUDA's if any
     torch_version    for diagnostics
 
@@ -22,6 +23,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +33,22 @@ import torch
 
 from common import UserFacingError, first_line, write_atomically
 from data_handling import Tokenizer, tokenizer_from_dict
+from devices import model_memory, require_memory
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "tokenizer", "model")
+# What --resume needs beyond REQUIRED_KEYS, and the type each must have.
+RESUME_KEYS = {
+    "data_config": dict,
+    "optimizer": dict,
+    "scaler": dict,
+    "rng": dict,
+    "step": int,
+    "best_val_loss": float,
+}
 HOW_TO_TRAIN = "train one with `python train_model.py`"
 # Settings added after format version 1 was fixed: a checkpoint without them was made the way
 # these values say, whatever today's defaults are.
@@ -61,6 +75,7 @@ class RunDescription:
     settings: RunSettings
     tokenizer: Tokenizer
     tokens_per_char: dict[str, float]  # of the corpus' "train" and "val" splits
+    corpus_sha256: str = ""  # the text trained on
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,6 +108,7 @@ def make_checkpoint(
         "tokens_seen": state.tokens_seen,
         "elapsed_s": state.elapsed_s,
         "tokens_per_char": description.tokens_per_char,
+        "corpus_sha256": description.corpus_sha256,
         "rng": rng,
         "torch_version": str(torch.__version__),  # a plain str: weights_only-safe
     }
@@ -113,28 +129,77 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
 # Reading
 
 
+def _check_archive(path: Path) -> None:
+    """Refuse, before unpacking anything, files that torch.save did not write.
+
+    torch.save writes a zip archive of stored (never compressed) entries, so a compressed
+    entry means a foreign file, perhaps one that would unpack to far more than its size.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise UserFacingError(
+            f"{path} is not a readable checkpoint (not the zip archive torch.save writes, or a "
+            "damaged one)"
+        ) from None
+    if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+        raise UserFacingError(
+            f"{path} is not a checkpoint of this project (its contents are compressed, which "
+            "torch.save never does)"
+        )
+
+
+def _refused_global(err: pickle.UnpicklingError) -> str:
+    """What the file wanted to run, as weights_only's refusal names it."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f"it calls {named.group(1)}" if named else first_line(err)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint safely, turning every way it can be wrong into a one-line error."""
     if not path.exists():
         raise UserFacingError(f"checkpoint {path} not found; {HOW_TO_TRAIN}")
     if path.is_dir():
         raise UserFacingError(f"checkpoint {path} is a directory, not a file")
+    if not path.is_file():  # a device or a pipe: reading could block or never end
+        raise UserFacingError(f"checkpoint {path} is not a regular file")
     if path.stat().st_size == 0:
         raise UserFacingError(f"checkpoint {path} is empty (0 bytes); {HOW_TO_TRAIN}")
+    _check_archive(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused an object it does not know
+        reason = _refused_global(err)
+        raise UserFacingError(f"{path} is refused: loading it would run code ({reason})") from None
     except Exception as err:  # a damaged file can fail inside the unpickler in many ways
-        # weights_only refuses any object it does not know, so a malicious file lands here too.
-        reason = first_line(err)
-        raise UserFacingError(f"{path} is not a readable checkpoint ({reason:.120})") from None
+        raise UserFacingError(f"{path} is not a readable checkpoint ({first_line(err)})") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise UserFacingError(f"{path} is not a checkpoint of this project")
     if checkpoint["format_version"] != FORMAT_VERSION:
         raise UserFacingError(
-            f"checkpoint {path} has format version {checkpoint['format_version']}; "
+            f"checkpoint {path} has format version {checkpoint['format_version']!r:.20}; "
             f"this version of the project reads version {FORMAT_VERSION}"
         )
     return checkpoint
+
+
+def check_resumable(checkpoint: dict[str, Any]) -> None:
+    """Refuse, in one line, a checkpoint that lacks what --resume needs."""
+    problems = [
+        name
+        for name, kind in RESUME_KEYS.items()
+        if not isinstance(checkpoint.get(name), kind) or isinstance(checkpoint.get(name), bool)
+    ]
+    rng = checkpoint.get("rng")
+    if isinstance(rng, dict) and not all(
+        isinstance(rng.get(name), torch.Tensor) for name in ("torch", "batches")
+    ):
+        problems.append("rng")
+    if problems:
+        raise UserFacingError(
+            f"the checkpoint cannot be resumed: {', '.join(problems)} missing or damaged"
+        )
 
 
 def _known_fields(config_class: type, saved: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +210,8 @@ def _known_fields(config_class: type, saved: dict[str, Any]) -> dict[str, Any]:
 
 def saved_model_config(checkpoint: dict[str, Any]) -> ModelConfig:
     """The model settings a checkpoint was trained with."""
+    if not isinstance(checkpoint["model_config"], dict):
+        raise UserFacingError("checkpoint holds an invalid model config (not a dict)")
     saved = {**MODEL_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["model_config"]}
     try:
         return ModelConfig(**_known_fields(ModelConfig, saved))
@@ -154,9 +221,15 @@ def saved_model_config(checkpoint: dict[str, Any]) -> ModelConfig:
 
 def saved_settings(checkpoint: dict[str, Any]) -> RunSettings:
     """Every setting a checkpoint's run was made with, as this version of the project names them."""
-    train = {**TRAIN_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint.get("train_config", {})}
+    saved_train = checkpoint.get("train_config", {})
+    if not isinstance(saved_train, dict):
+        raise UserFacingError("the saved run's settings are not valid (train_config)")
+    train = {**TRAIN_SETTINGS_BEFORE_THEY_EXISTED, **saved_train}
     if "min_lr" in train:  # older checkpoints hold the schedule's floor itself, not its share
-        train["min_lr_fraction"] = train["min_lr"] / train["learning_rate"]
+        try:
+            train["min_lr_fraction"] = train["min_lr"] / train["learning_rate"]
+        except (TypeError, ZeroDivisionError, KeyError):
+            raise UserFacingError("the saved run's settings are not valid (min_lr)") from None
     try:
         return RunSettings(
             model=saved_model_config(checkpoint),
@@ -187,15 +260,39 @@ def model_from_checkpoint(
             f"checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model expects "
             f"{model_config.vocab_size}"
         )
+    weights = checkpoint["model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(t, torch.Tensor) for t in weights.values()
+    ):
+        raise UserFacingError("checkpoint's weights are not a dict of tensors")
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserFacingError(
+                f"checkpoint's weights are not all finite numbers ({name}): the run had "
+                "diverged; use an earlier checkpoint"
+            )
+    require_memory(
+        model_memory(model_config), device, "the checkpoint's model", "use a smaller model"
+    )
     model = GPT(model_config)
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(weights)
     except RuntimeError as err:
         # PyTorch lists every mismatch on its own line after a heading; show the first one.
         details = str(err).strip().splitlines()
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
     return model.to(device, getattr(torch, precision)).eval(), tokenizer
+
+
+def check_same_corpus(checkpoint: dict[str, Any], corpus_sha256: str, path: Path) -> None:
+    """Refuse to resume a run on another text than the one it trained on."""
+    saved = checkpoint.get("corpus_sha256")  # older checkpoints do not know
+    if saved and saved != corpus_sha256:
+        raise UserFacingError(
+            f"{path} is not the text this run trained on (its sha256 differs); resume with "
+            "the same corpus, or start a new run"
+        )
 
 
 def restore_training_state(

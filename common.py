@@ -5,6 +5,8 @@ Nothing here knows about models or text; it sits below every other module.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -25,8 +27,47 @@ def first_line(err: BaseException) -> str:
 
 
 def print_error(prog: str, err: BaseException) -> None:
-    """Print a user-facing failure as one line on stderr."""
-    print(f"{prog}: error: {err}", file=sys.stderr)
+    """Print a user-facing failure as one line on stderr (if anyone can still read it)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(f"{prog}: error: {err}", file=sys.stderr)
+
+
+class ForgivingStream:
+    """A text stream that stops writing, instead of failing, once nobody reads it.
+
+    Training must not die because its terminal closed or its pipe's reader went away (the
+    progress bar would raise BrokenPipeError): it goes on, saves, and can be resumed.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = stream is None
+
+    def write(self, text: str) -> int:
+        """Write, or drop the text once the stream has failed."""
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError):
+                self._give_up()
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush, or do nothing once the stream has failed."""
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._give_up()
+
+    def _give_up(self) -> None:
+        self.broken = True
+        # Python flushes stdout and stderr at exit; pointed at /dev/null, that cannot fail.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)  # isatty, encoding, fileno...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,6 +85,8 @@ def write_atomically(path: Path, data: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp_path = Path(tmp_name)
     try:
+        # mkstemp makes the file private (0600); give it the mode any new file would get.
+        tmp_path.chmod(0o666 & ~_umask())
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -52,6 +95,14 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process' umask (reading it means setting it, so once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def figure_png(fig: Any, dpi: int = 100) -> bytes:

@@ -45,6 +45,11 @@ GPT2_SPLIT_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
 GPT2_END_OF_TEXT = 50256
+# The corpus is read whole into memory (about 4 bytes a character at the peak, plus 4 bytes a
+# token); beyond this size, split the text or train on a part of it.
+MAX_CORPUS_BYTES = 1 << 30
+ENCODE_CHUNK_CHARS = 1 << 20  # BPE encodes the corpus in pieces of about this many characters
+TOKEN_CACHES_KEPT = 4  # the token caches a cache folder keeps (the most recently used)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +93,18 @@ def read_corpus(path: Path) -> str:
         raise UserFacingError(f"corpus {path} not found; pass --data PATH to a UTF-8 text file")
     if path.is_dir():
         raise UserFacingError(f"corpus {path} is a directory; pass --data PATH to a text file")
-    raw = path.read_bytes()
+    if not path.is_file():  # a device, a pipe: reading could never end
+        raise UserFacingError(f"corpus {path} is not a regular file; pass a text file")
+    size = path.stat().st_size
+    if size > MAX_CORPUS_BYTES:
+        raise UserFacingError(
+            f"corpus {path} has {size:,} bytes; this project reads up to "
+            f"{MAX_CORPUS_BYTES:,} whole into memory: train on a part of it"
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserFacingError(f"cannot read corpus {path} ({err.strerror or err})") from None
     if not raw:
         raise UserFacingError(f"corpus {path} is empty")
     try:
@@ -106,6 +122,18 @@ def read_corpus(path: Path) -> str:
     return text
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text that no UTF-8 file could hold (lone surrogates, e.g. from a shell's bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        raise UserFacingError(
+            f"{what} holds {bad!r} at position {err.start}, which is not a character (bytes "
+            "that are not UTF-8?)"
+        ) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizers: text <-> list of ints. Both know how to describe themselves for a checkpoint.
 
@@ -116,7 +144,13 @@ class CharTokenizer:
     kind = "char"
 
     def __init__(self, chars: str) -> None:
-        assert len(set(chars)) == len(chars), "character vocabulary has duplicates"
+        if len(set(chars)) != len(chars):
+            raise UserFacingError("the character vocabulary has duplicates")
+        if len(chars) > 2**16:
+            raise UserFacingError(
+                f"the text has {len(chars):,} distinct characters; a character vocabulary holds "
+                "at most 65,536: use --tokenizer=bpe"
+            )
         self.chars = chars
         self.char_to_id = {ch: i for i, ch in enumerate(chars)}
         self.vocab_size = len(chars)
@@ -138,6 +172,22 @@ class CharTokenizer:
         except KeyError:
             shown = self.unknown_characters(text)
             raise UserFacingError(f"text has characters not in the vocabulary: {shown}") from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """A whole corpus to uint16 ids, at about 6 bytes a character (no list of ints)."""
+        check_unicode(text, "the corpus")
+        code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        vocabulary = np.frombuffer(self.chars.encode("utf-32-le"), dtype=np.uint32)
+        order = np.argsort(vocabulary)
+        ids = np.searchsorted(vocabulary, code_points, sorter=order)  # no copy of a dict lookup
+        ids = order[np.minimum(ids, len(order) - 1)]
+        if not np.array_equal(vocabulary[ids], code_points):
+            self.encode(text)  # raises, naming the characters outside the vocabulary
+        return ids.astype(np.uint16)
+
+    def count_chars(self, ids: torch.Tensor) -> int:
+        """How many characters the ids decode to: one each."""
+        return len(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text."""
@@ -188,7 +238,30 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Text to ids. "<|endoftext|>" inside the text is treated as ordinary characters."""
+        check_unicode(text, "the text")
         return self.encoding.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """A whole corpus to uint16 ids, a piece at a time (a list of ints costs 36 bytes each).
+
+        The ids are exactly those of encoding the text at once (see `_piece_end`).
+        """
+        check_unicode(text, "the corpus")
+        pieces, start = [], 0
+        while start < len(text):
+            end = _piece_end(text, start + ENCODE_CHUNK_CHARS)
+            pieces.append(np.array(self.encoding.encode_ordinary(text[start:end]), np.uint16))
+            start = end
+        return np.concatenate(pieces)
+
+    def count_chars(self, ids: torch.Tensor) -> int:
+        """How many characters the ids decode to, decoding a piece at a time."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        count = 0
+        for start in range(0, len(ids), ENCODE_CHUNK_CHARS):
+            chunk = ids[start : start + ENCODE_CHUNK_CHARS].tolist()
+            count += len(decoder.decode(self.encoding.decode_bytes(chunk)))
+        return count + len(decoder.decode(b"", final=True))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text (bytes that are not valid UTF-8 become U+FFFD)."""
@@ -207,6 +280,22 @@ class BPETokenizer:
         return "bpe-" + GPT2_RANKS_SHA256[:16]
 
 
+def _piece_end(text: str, at_least: int) -> int:
+    """Where a piece of text that GPT-2 can encode on its own may end, from `at_least` on.
+
+    After a newline between a letter or digit and a letter or digit, GPT-2's pre-tokenizer
+    always splits, and it reads that newline alone, whether or not the text goes on.
+    """
+    while at_least < len(text):
+        newline = text.find("\n", at_least)
+        if newline < 1 or newline + 1 >= len(text):
+            break
+        if text[newline - 1].isalnum() and text[newline + 1].isalnum():
+            return newline + 1
+        at_least = newline + 1
+    return len(text)
+
+
 Tokenizer = CharTokenizer | BPETokenizer
 
 
@@ -219,8 +308,10 @@ def build_tokenizer(kind: str, text: str) -> Tokenizer:
     raise UserFacingError(f"unknown tokenizer {kind!r}; choose char or bpe")
 
 
-def tokenizer_from_dict(description: dict[str, Any]) -> Tokenizer:
+def tokenizer_from_dict(description: Any) -> Tokenizer:
     """Rebuild the tokenizer a checkpoint describes."""
+    if not isinstance(description, dict):
+        raise UserFacingError(f"checkpoint describes its tokenizer as {description!r:.60}")
     kind = description.get("kind")
     if kind == "char" and isinstance(description.get("chars"), str):
         return CharTokenizer(description["chars"])
@@ -247,36 +338,44 @@ def stream_decode(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
 # Encoding with an on-disk cache
 
 
-def encode_corpus(text: str, tokenizer: Tokenizer, cache_dir: Path) -> np.ndarray:
+def encode_corpus(
+    text: str, tokenizer: Tokenizer, cache_dir: Path | None, text_sha256: str = ""
+) -> np.ndarray:
     """The corpus as a uint16 array of ids, from the cache when a valid one exists.
 
     The cache file's name holds the corpus' sha256 and the tokenizer's key, and the file holds
     both again plus a checksum of the ids, so a stale, truncated or foreign cache is rebuilt.
+    Without a cache_dir, the corpus is encoded every time.
     """
     assert tokenizer.vocab_size <= 2**16, "uint16 cache cannot hold this vocabulary"
-    meta = {"corpus_sha256": sha256_hex(text.encode("utf-8")), "tokenizer": tokenizer.cache_key()}
+    if cache_dir is None:
+        return tokenizer.encode_array(text)
+    digest = text_sha256 or sha256_hex(text.encode("utf-8"))
+    meta = {"corpus_sha256": digest, "tokenizer": tokenizer.cache_key()}
     path = cache_dir / f"tokens-{meta['corpus_sha256'][:16]}-{meta['tokenizer']}.npz"
     if path.exists():
-        tokens = _read_token_cache(path, meta)
+        tokens = _read_token_cache(path, meta, tokenizer.vocab_size)
         if tokens is not None:
+            path.touch()  # recently used: kept when the folder is trimmed
             return tokens
         print(f"token cache {path} is stale or damaged; rebuilding it")
-    tokens = np.array(tokenizer.encode(text), dtype=np.uint16)
+    tokens = tokenizer.encode_array(text)
     _write_token_cache(path, tokens, meta)
     return tokens
 
 
-def _read_token_cache(path: Path, meta: dict[str, str]) -> np.ndarray | None:
+def _read_token_cache(path: Path, meta: dict[str, str], vocab_size: int) -> np.ndarray | None:
     try:
         with np.load(path, allow_pickle=False) as archive:
             tokens = archive["tokens"]
             stored = json.loads(str(archive["meta"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    expected = {**meta, "tokens_sha256": sha256_hex(tokens.tobytes())}
-    if tokens.dtype != np.uint16 or stored != expected:
+    if tokens.dtype != np.uint16 or tokens.ndim != 1 or not len(tokens):
         return None
-    return tokens
+    if stored != {**meta, "tokens_sha256": sha256_hex(tokens.tobytes())}:
+        return None
+    return tokens if int(tokens.max()) < vocab_size else None
 
 
 def _write_token_cache(path: Path, tokens: np.ndarray, meta: dict[str, str]) -> None:
@@ -287,6 +386,11 @@ def _write_token_cache(path: Path, tokens: np.ndarray, meta: dict[str, str]) -> 
         write_atomically(path, buffer.getvalue())
     except OSError as err:  # a cache is an optimisation: failing to write one is not fatal
         print(f"warning: could not write token cache {path} ({err})")
+        return
+    # Caches of corpora no longer used would pile up: keep the most recently used ones.
+    caches = sorted(path.parent.glob("tokens-*.npz"), key=lambda p: p.stat().st_mtime)
+    for old in caches[:-TOKEN_CACHES_KEPT]:
+        old.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +409,7 @@ def split_tokens(
                 f"the {name} split has {size} tokens, fewer than block_size + 1 = "
                 f"{block_size + 1}; use a longer corpus or a smaller block_size"
             )
-    ids = torch.from_numpy(tokens.astype(np.int64))
+    ids = torch.from_numpy(tokens.astype(np.int32))  # get_batch widens each batch to int64
     return ids[:n_train], ids[n_train:]
 
 
@@ -320,7 +424,7 @@ def get_batch(
     # Every window of block_size + 1 consecutive ids, as a view: (len - block_size, T + 1).
     windows = data.unfold(0, block_size + 1, 1)
     starts = torch.randint(len(windows), (batch_size,), generator=generator)
-    batch = windows[starts]  # (B, T + 1), one gather, no Python loop
+    batch = windows[starts].long()  # (B, T + 1), one gather, no Python loop
     x, y = batch[:, :-1], batch[:, 1:]
     if device.type == "cuda":
         # Pinned host memory lets the copy run asynchronously with the GPU's work.
@@ -336,8 +440,9 @@ class CorpusSplits:
     """A corpus read, tokenized and split: the token ids and the characters of each split."""
 
     path: Path
+    sha256: str  # of the text: tells whether a resumed run still reads the same corpus
     tokenizer: Tokenizer
-    tokens: dict[str, torch.Tensor]  # "train" and "val": 1-D int64 ids
+    tokens: dict[str, torch.Tensor]  # "train" and "val": 1-D int32 ids
     chars: dict[str, int]  # how many characters of the text each split holds
 
     def summary(self) -> str:
@@ -364,12 +469,15 @@ def load_splits(
     path = resolve_corpus(config.data)
     text = read_corpus(path)
     tokenizer = tokenizer or build_tokenizer(config.tokenizer, text)
-    tokens = encode_corpus(text, tokenizer, Path(config.cache_dir))
+    digest = sha256_hex(text.encode("utf-8"))
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    tokens = encode_corpus(text, tokenizer, cache_dir, digest)
     train, val = split_tokens(tokens, config.val_fraction, block_size)
     # Characters per split, so that losses can be reported per character for any tokenizer.
-    train_chars = len(tokenizer.decode(train.tolist()))
+    train_chars = tokenizer.count_chars(train)
     return CorpusSplits(
         path=path,
+        sha256=digest,
         tokenizer=tokenizer,
         tokens={"train": train, "val": val},
         chars={"train": train_chars, "val": len(text) - train_chars},

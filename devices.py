@@ -19,7 +19,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common import UserFacingError, first_line
-from hyperparameters import TrainConfig
+from hyperparameters import ModelConfig, TrainConfig
+
+FLOAT_BYTES = 4  # weights, gradients and activations are float32 (autocast keeps a copy)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -61,6 +63,58 @@ def setup_compute(config: TrainConfig) -> tuple[Distributed, torch.device, torch
     return distributed, device, dtype
 
 
+# ----------------------------------------------------------------------------------------------
+# Memory: what a configuration needs, checked against what the device has, before allocating
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give (None if this system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:  # Linux: free memory plus reclaimable caches
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def model_memory(config: ModelConfig) -> int:
+    """Bytes of a model's weights and constant buffers (the causal masks, rotary tables)."""
+    C, T, L = config.n_embd, config.block_size, config.n_layer
+    weights = config.vocab_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    if config.position == "learned":
+        weights += T * C
+    masks = L * T * T  # one bool a cell, in every attention layer
+    return FLOAT_BYTES * weights + masks + L * FLOAT_BYTES * T * (C // config.n_head)
+
+
+def training_memory(config: ModelConfig, batch_size: int) -> int:
+    """Bytes a training step needs, roughly.
+
+    The model, its gradients and AdamW's two moments (Muon keeps less), and the activations
+    kept for the backward pass.
+    """
+    weights = model_memory(config)
+    B, T, C = batch_size, config.block_size, config.n_embd
+    # Per token and layer: about 34 floats of width C (the projections, GELU, norms, residuals)
+    # and the attention weights (the manual path keeps a few T-wide rows per head).
+    per_token = config.n_layer * (34 * C + 4 * config.n_head * T) + 3 * config.vocab_size
+    return 4 * weights + FLOAT_BYTES * B * T * per_token
+
+
+def require_memory(needed: int, device: torch.device, what: str, remedy: str) -> None:
+    """Refuse, in one line that says what to do, what the device cannot hold."""
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise UserFacingError(
+            f"{what} needs about {needed / 2**30:,.1f} GiB but {device.type} has "
+            f"{available / 2**30:,.1f} GiB free; {remedy}"
+        )
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass, or nothing for float32."""
     if dtype == torch.float32:
@@ -91,27 +145,46 @@ class Distributed:
         return self.rank == 0
 
 
+def torchrun_variable(name: str, default: int) -> int:
+    """A whole number torchrun sets in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UserFacingError(
+            f"the environment variable {name} must be a whole number, got {text!r}"
+        )
+    return value
+
+
 def process_rank() -> int:
     """This process' rank in a torchrun job (torchrun sets RANK); 0 for a plain run."""
-    return int(os.environ.get("RANK", "0"))
+    return torchrun_variable("RANK", 0)
 
 
 def init_distributed(requested_device: str) -> tuple[Distributed, torch.device]:
     """Join the torchrun job if there is one (torchrun sets RANK and WORLD_SIZE)."""
     device = resolve_device(requested_device)
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    context = Distributed(
+        rank=process_rank(),
+        local_rank=torchrun_variable("LOCAL_RANK", 0),
+        world_size=torchrun_variable("WORLD_SIZE", 1),
+    )
+    if "RANK" not in os.environ or not context.enabled:
         return Distributed(), device
     if device.type == "mps":
         raise UserFacingError("multi-process training runs on cuda or cpu; add --device=cpu")
-    context = Distributed(
-        rank=process_rank(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=int(os.environ["WORLD_SIZE"]),
-    )
     if device.type == "cuda":
         device = torch.device("cuda", context.local_rank)  # one GPU per process
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    except (ValueError, RuntimeError) as err:  # e.g. MASTER_ADDR missing: not from torchrun
+        raise UserFacingError(
+            f"cannot join the torchrun job ({first_line(err)}); start it with torchrun"
+        ) from None
     return context, device
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserFacingError, print_error
-from data_handling import Tokenizer, stream_decode
+from data_handling import Tokenizer, check_unicode, stream_decode
 from devices import resolve_device
 from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
 from model_architecture import GPT, generate
@@ -26,20 +27,39 @@ from run_folder import checkpoint_to_sample
 
 PROG = "generate_text.py"
 SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"
+MAX_PROMPT_FILE_BYTES = 1 << 20  # the model reads block_size tokens of it at most anyway
+# Control characters other than newline and tab would steer a terminal; shown escaped there.
+CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(32), 127] if code not in (9, 10)}
 
 
-def read_prompt(config: SampleConfig) -> str:
+def read_prompt(config: SampleConfig, given: dict[str, Any]) -> str:
     """The prompt text, from --prompt_file if given, else --prompt."""
-    if config.prompt_file:
-        try:
-            prompt = Path(config.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserFacingError(f"cannot read prompt file {config.prompt_file} ({err})") from None
-    else:
-        prompt = config.prompt
+    if config.prompt_file and "prompt" in given:
+        raise UserFacingError("give --prompt or --prompt_file, not both")
+    prompt = read_prompt_file(Path(config.prompt_file)) if config.prompt_file else config.prompt
     if not prompt:
         raise UserFacingError("the prompt is empty; give at least one character with --prompt")
+    check_unicode(prompt, "the prompt")
     return prompt
+
+
+def read_prompt_file(path: Path) -> str:
+    """A prompt file's text: a regular UTF-8 file of at most MAX_PROMPT_FILE_BYTES."""
+    if path.exists() and not path.is_file():  # a pipe or a device could block or never end
+        raise UserFacingError(f"prompt file {path} is not a regular file")
+    try:
+        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+            raise UserFacingError(
+                f"prompt file {path} is larger than {MAX_PROMPT_FILE_BYTES:,} bytes"
+            )
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserFacingError(f"cannot read prompt file {path} ({err})") from None
+
+
+def shown(text: str) -> str:
+    """Text as it goes to the terminal: control characters (but newline and tab) escaped."""
+    return text.translate(CONTROL_CHARACTERS) if sys.stdout.isatty() else text
 
 
 def write_sample(
@@ -50,7 +70,7 @@ def write_sample(
     generator: torch.Generator,
 ) -> None:
     """Write the prompt, then each new piece of text as soon as it is generated."""
-    sys.stdout.write(tokenizer.decode(prompt_ids))
+    sys.stdout.write(shown(tokenizer.decode(prompt_ids)))
     new_ids = generate(
         model,
         prompt_ids,
@@ -62,7 +82,7 @@ def write_sample(
         use_cache=config.use_cache,
     )
     for piece in stream_decode(tokenizer, new_ids):
-        sys.stdout.write(piece)
+        sys.stdout.write(shown(piece))
         sys.stdout.flush()
 
 
@@ -72,14 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         __doc__, [(SampleConfig, None), (TrainConfig, ["out_dir", "device", "seed"])]
     )
     try:
-        (sample_config, train_config), _ = parse_configs(parser, [SampleConfig, TrainConfig], argv)
+        (sample_config, train_config), given = parse_configs(
+            parser, [SampleConfig, TrainConfig], argv
+        )
+        if sys.stdout is None:
+            raise UserFacingError("the output is closed: nowhere to write the text")
         device = resolve_device(train_config.device)
         checkpoint = load_checkpoint(checkpoint_to_sample(sample_config.ckpt, train_config.out_dir))
         model, tokenizer = model_from_checkpoint(checkpoint, device, sample_config.precision)
-        prompt_ids = tokenizer.encode(read_prompt(sample_config))
+        prompt_ids = tokenizer.encode(read_prompt(sample_config, given))
     except UserFacingError as err:
         print_error(PROG, err)
         return 2
+    # An output that cannot encode every character (PYTHONIOENCODING=ascii) shows it escaped.
+    sys.stdout.reconfigure(errors="backslashreplace")
     generator = torch.Generator(device=device).manual_seed(train_config.seed)
     try:
         for sample in range(sample_config.num_samples):
@@ -92,9 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. piped into `head`, which stopped reading: not an error
-        # Point stdout at /dev/null so Python's final flush does not complain again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        discard_output()
+    except OSError as err:  # a full disk, a closed file
+        discard_output()
+        print_error(PROG, OSError(f"cannot write the text ({err.strerror or err})"))
+        return 1
     return 0
+
+
+def discard_output() -> None:
+    """Point stdout at /dev/null, so that Python's final flush does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

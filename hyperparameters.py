@@ -22,10 +22,17 @@ from typing import Any, Literal, NoReturn
 
 from common import UserFacingError
 
+MAX_SEED = 2**62  # torch seeds are 64-bit; headroom for the seed + rank + step sums
+MIN_TEMPERATURE = 1e-4  # below this, logits / temperature overflows float32
 
-def setting(default: Any, help: str) -> Any:
-    """A dataclass field whose help text is data, so the CLI and the tests can read it."""
-    return field(default=default, metadata={"help": help})
+
+def setting(default: Any, help: str, escapes: bool = False) -> Any:
+    """A dataclass field whose help text is data, so the CLI and the tests can read it.
+
+    With escapes, a backslash-n or backslash-t typed on the command line becomes a newline or
+    a tab (for text such as a prompt; never for paths).
+    """
+    return field(default=default, metadata={"help": help, "escapes": escapes})
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,8 @@ class ModelConfig:
     vocab_size: int = setting(0, "set from the tokenizer when training starts; not an option")
 
     def __post_init__(self) -> None:
-        problems = non_finite(self)
+        raise_if_any(field_problems(self))  # a wrong type would break the range checks below
+        problems = []
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -72,10 +80,11 @@ class DataConfig:
         "char", "char: one token per character; bpe: GPT-2's byte-pair encoding"
     )
     val_fraction: float = setting(0.1, "share of the corpus (its end) held out; 0.05..0.2")
-    cache_dir: str = setting(".cache", "folder for encoded-corpus caches")
+    cache_dir: str = setting(".cache", "folder for encoded-corpus caches; empty = no cache")
 
     def __post_init__(self) -> None:
-        problems = non_finite(self)
+        raise_if_any(field_problems(self))  # a wrong type would break the range checks below
+        problems = []
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         raise_if_any(problems)
@@ -113,10 +122,11 @@ class TrainConfig:
     optimizer: Literal["muon", "adamw"] = setting(
         "muon", "muon for the blocks' matrices and adamw for the rest, or adamw for all weights"
     )
-    seed: int = setting(1337, "random seed: same seed, same run and same samples")
+    seed: int = setting(1337, "random seed: same seed, same run and same samples; 0..2**62")
 
     def __post_init__(self) -> None:
-        problems = non_finite(self)
+        raise_if_any(field_problems(self))  # a wrong type would break the range checks below
+        problems = []
         at_least_one = (
             "batch_size",
             "gradient_accumulation_steps",
@@ -138,6 +148,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be in 0..2**62, got {self.seed}")
         raise_if_any(problems)
 
 
@@ -146,11 +158,13 @@ class SampleConfig:
     """How to draw text from a trained model."""
 
     ckpt: str = setting("", "checkpoint file to sample from; empty = out_dir's best checkpoint")
-    prompt: str = setting("\n", "text the samples continue from")
+    prompt: str = setting("\n", "text the samples continue from (\\n: a newline)", escapes=True)
     prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
     num_samples: int = setting(1, "how many samples to draw; 1..10")
-    max_new_tokens: int = setting(500, "tokens to generate per sample; 1..10000")
-    temperature: float = setting(0.8, "0 = always the likeliest token; 0.5..1.2 for variety")
+    max_new_tokens: int = setting(500, "tokens to generate per sample; 1..100000")
+    temperature: float = setting(
+        0.8, "0 = always the likeliest token, else at least 1e-4; 0.5..1.2 for variety"
+    )
     top_k: int = setting(0, "sample only from the k likeliest tokens; 0 disables")
     top_p: float = setting(
         1.0, "sample from the smallest set with this much probability; 1 disables"
@@ -161,13 +175,16 @@ class SampleConfig:
     )
 
     def __post_init__(self) -> None:
-        problems = non_finite(self)
+        raise_if_any(field_problems(self))  # a wrong type would break the range checks below
+        problems = []
         if self.num_samples < 1:
             problems.append(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 1 <= self.max_new_tokens <= 100_000:
+            problems.append(f"max_new_tokens must be in 1..100000, got {self.max_new_tokens}")
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= 100:
+            problems.append(
+                f"temperature must be 0 or in [{MIN_TEMPERATURE}, 100], got {self.temperature}"
+            )
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -231,13 +248,27 @@ def settings_for_resume(saved: RunSettings, given: dict[str, Any], out_dir: str)
 NOT_OPTIONS = frozenset({"vocab_size"})
 
 
-def non_finite(config: Any) -> list[str]:
-    """Problems with float settings that are nan or infinite (they pass every range check)."""
-    return [
-        f"{f.name} must be a finite number, got {getattr(config, f.name)}"
-        for f in dataclasses.fields(config)
-        if isinstance(getattr(config, f.name), float) and not math.isfinite(getattr(config, f.name))
-    ]
+def field_problems(config: Any) -> list[str]:
+    """Problems any setting can have, whatever its range.
+
+    A value of the wrong type (a checkpoint can hold anything), a choice not on offer, a float
+    that is nan or infinite (it would pass every range check).
+    """
+    problems: list[str] = []
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            if value not in typing.get_args(hint):
+                choices = ", ".join(typing.get_args(hint))
+                problems.append(f"{f.name} must be one of {choices}, got {value!r:.40}")
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            continue  # 3 serves as 3.0
+        elif not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            problems.append(f"{f.name} must be {hint.__name__}, got {value!r:.40}")
+        elif hint is float and not math.isfinite(value):
+            problems.append(f"{f.name} must be a finite number, got {value}")
+    return problems
 
 
 def raise_if_any(problems: list[str]) -> None:
@@ -269,13 +300,12 @@ def parse_bool(text: str) -> bool:
 
 
 def text_arg(text: str) -> str:
-    r"""Accept a string; "\n" and "\t" typed on a shell become real newlines and tabs."""
+    r"""Text whose "\n" and "\t", typed on a shell, become real newlines and tabs."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def _add_field(
-    group: argparse._ArgumentGroup, name: str, hint: Any, default: Any, help: str
-) -> None:
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any) -> None:
+    name, default, help = f.name, f.default, f.metadata["help"]
     # default=SUPPRESS keeps untyped options out of the namespace, so we know what was given.
     shown = repr(default) if isinstance(default, str) else default
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help} (default: {shown})"}
@@ -284,7 +314,7 @@ def _add_field(
     elif hint is bool:
         kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
     elif hint is str:
-        kwargs["type"] = text_arg
+        kwargs["type"] = text_arg if f.metadata["escapes"] else str
     else:
         kwargs["type"] = hint
     group.add_argument(f"--{name}", **kwargs)
@@ -307,7 +337,7 @@ def build_parser(description: str, groups: list[tuple[type, list[str] | None]]) 
         for f in dataclasses.fields(config_class):
             if f.name in NOT_OPTIONS or (only is not None and f.name not in only):
                 continue
-            _add_field(group, f.name, hints[f.name], f.default, f.metadata["help"])
+            _add_field(group, f, hints[f.name])
     return parser
 
 

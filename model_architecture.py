@@ -320,11 +320,16 @@ class GPT(nn.Module):
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Set all but the k largest logits to -inf (k <= 0 or k >= V keeps all)."""
+    """Set all but the k largest logits to -inf (k <= 0 or k >= V keeps all).
+
+    Exactly k stay, even when several logits tie at the k-th value (then the first ones).
+    """
     if k <= 0 or k >= logits.size(-1):
         return logits
-    kth_largest = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(
+        -1, torch.topk(logits, k).indices, True
+    )
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -333,9 +338,12 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
     probs = F.softmax(sorted_logits, dim=-1)
-    # A token is dropped when the tokens ranked above it already reach p; the top one stays.
+    # A token is dropped when the tokens ranked above it already reach p; the top one always
+    # stays (even for a p so small that it rounds to 0 in float32).
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+    drop = mass_before >= p
+    drop[..., 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
@@ -349,7 +357,9 @@ def sample_next(
     """Choose the next token id from logits of shape (V,)."""
     if temperature == 0:
         return int(torch.argmax(logits))  # greedy, checked before any division
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    # Subtracting the largest logit first keeps a small temperature from overflowing to inf.
+    logits = (logits - logits.max()) / temperature
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     probs = F.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, num_samples=1, generator=generator))
 

@@ -15,9 +15,12 @@ out/latest.txt names the run started last under out/, which generation, the web 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +93,75 @@ class RunFolder:
         for path in [*files, self.settings, *self.event_files()]:
             path.unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for one training process; another is refused until this one ends.
+
+        The lock is a file holding the process id; one left by a process that no longer
+        exists (killed) is taken over.
+        """
+        self.make()
+        lock = self.path / ".lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner is not None and _process_exists(owner):
+                    raise UserFacingError(
+                        f"another training run (process {owner}) is using {self.path}; wait "
+                        "for it to finish, or train into another --out_dir"
+                    ) from None
+                lock.unlink(missing_ok=True)  # its process is gone: take the folder over
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(str(os.getpid()))
+            break
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def make(self) -> None:
+        """Create the folder if it is not there; say so in one line if it cannot be."""
+        # is_dir is False for a file, a device and a symlink that loops or leads nowhere.
+        if (self.path.exists() or self.path.is_symlink()) and not self.path.is_dir():
+            raise UserFacingError(f"{self.path} is not a folder; choose another --out_dir")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserFacingError(f"cannot create {self.path} ({err.strerror or err})") from None
+
     def start(self, settings: dict[str, Any], replace: bool = False) -> None:
         """Create the folder, clear what a killed run left, record the settings in config.json.
 
         With replace (--overwrite), the run the folder held is deleted first.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         if replace:
             self.clear()
         for leftover in self.path.glob(".*.tmp"):  # from common.write_atomically, cut short
             leftover.unlink()
         write_atomically(self.settings, json.dumps(settings, indent=2).encode("utf-8"))
+
+
+def _lock_owner(lock: Path) -> int | None:
+    """The process id a lock file holds (None if unreadable)."""
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)  # signal 0 checks, and sends nothing
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, but belongs to another user
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

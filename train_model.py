@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -29,6 +28,8 @@ from tqdm import tqdm
 from checkpoint import (
     RunDescription,
     TrainingState,
+    check_resumable,
+    check_same_corpus,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
@@ -37,16 +38,18 @@ from checkpoint import (
     saved_settings,
     saved_tokenizer,
 )
-from common import UserFacingError, print_error
+from common import ForgivingStream, UserFacingError, print_error
 from data_handling import CorpusSplits, Tokenizer, get_batch, load_splits
 from devices import (
     Distributed,
     any_process,
     autocast_context,
     process_rank,
+    require_memory,
     setup_compute,
     shutdown_distributed,
     start_random_streams,
+    training_memory,
     wait_for_all,
     wrap_model,
 )
@@ -191,14 +194,18 @@ def evaluation_sample(run: Run, tokenizer: Tokenizer) -> str:
 
 
 class StopRequest:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second quits."""
+    """Stopping politely: a first Ctrl-C, SIGTERM or SIGHUP (the terminal closed).
+
+    It asks the loop to stop after the current step, and save; a second one quits at once.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+        for sig in (signal.SIGINT, signal.SIGTERM, *([hangup] if hangup else [])):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -229,6 +236,7 @@ def read_settings(argv: list[str] | None) -> tuple[RunSettings, dict[str, Any] |
         return RunSettings(model=model_config, data=data_config, train=train_config), None
     folder = chosen_run(train_config.out_dir)
     checkpoint = load_checkpoint(folder.last_checkpoint)
+    check_resumable(checkpoint)
     settings = settings_for_resume(saved_settings(checkpoint), given, str(folder.path))
     if checkpoint["step"] >= settings.train.max_iters:
         raise UserFacingError(
@@ -242,6 +250,8 @@ def load_data(data_config: DataConfig, block_size: int, checkpoint: dict | None)
     """The corpus, tokenized (with a resumed run's own tokenizer) and split; print its facts."""
     tokenizer = saved_tokenizer(checkpoint) if checkpoint else None
     corpus = load_splits(data_config, block_size, tokenizer)
+    if checkpoint is not None:
+        check_same_corpus(checkpoint, corpus.sha256, corpus.path)
     print(corpus.summary())
     return corpus
 
@@ -273,12 +283,20 @@ def build_run(
     distributed, device, dtype = setup_compute(settings.train)
     torch.manual_seed(settings.train.seed)  # the same initial weights in every process
     corpus = load_data(settings.data, settings.model.block_size, checkpoint)
+    vocab_size = corpus.tokenizer.vocab_size
+    settings = dataclasses.replace(
+        settings, model=dataclasses.replace(settings.model, vocab_size=vocab_size)
+    )
+    require_memory(
+        training_memory(settings.model, settings.train.batch_size),
+        device,
+        "training this model on this batch",
+        "lower --batch_size, --block_size, --n_embd or --n_layer",
+    )
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint, device)[0].train()
     else:
-        model_config = dataclasses.replace(settings.model, vocab_size=corpus.tokenizer.vocab_size)
-        settings = dataclasses.replace(settings, model=model_config)
-        model = GPT(model_config).to(device)
+        model = GPT(settings.model).to(device)
     print(f"model: {model.num_parameters():,} parameters")
     optimizer = make_optimizer(model, settings.train, device)
     run = Run(
@@ -301,7 +319,10 @@ def build_run(
         f"{run.tokens_per_step() // model.config.block_size} sequences of "
         f"{model.config.block_size} tokens"
     )
-    return run, state, RunDescription(settings, corpus.tokenizer, corpus.tokens_per_char())
+    description = RunDescription(
+        settings, corpus.tokenizer, corpus.tokens_per_char(), corpus.sha256
+    )
+    return run, state, description
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,20 +424,34 @@ def train(run: Run, state: TrainingState, description: RunDescription, folder: R
     return 0
 
 
+def run_training(
+    settings: RunSettings, checkpoint: dict[str, Any] | None, folder: RunFolder
+) -> int:
+    """Set the run up in its folder and train; returns the exit status."""
+    run, state, description = build_run(settings, checkpoint, folder)
+    if run.distributed.is_main:
+        replace = settings.train.overwrite and checkpoint is None
+        folder.start(description.settings.to_dict(), replace=replace)
+        mark_latest(folder)
+    return train(run, state, description, folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line; returns the exit status."""
-    if process_rank() > 0:
-        # Under torchrun only process 0 reports progress; the others stay quiet.
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - open for the process' lifetime
+    streams = sys.stdout, sys.stderr
+    # A closed terminal or pipe must not end the run before it saves: output that cannot be
+    # written is dropped.
+    sys.stdout, sys.stderr = ForgivingStream(sys.stdout), ForgivingStream(sys.stderr)
+    folder = None
     try:
+        if process_rank() > 0:
+            # Under torchrun only process 0 reports progress; the others stay quiet.
+            sys.stdout = ForgivingStream(None)
         settings, checkpoint = read_settings(argv)
         folder = RunFolder(Path(settings.train.out_dir))
-        run, state, description = build_run(settings, checkpoint, folder)
-        if run.distributed.is_main:
-            replace = settings.train.overwrite and checkpoint is None
-            folder.start(description.settings.to_dict(), replace=replace)
-            mark_latest(folder)
-        return train(run, state, description, folder)
+        # One training process per folder: process 0 holds it (the others write nothing).
+        with folder.lock() if process_rank() == 0 else contextlib.nullcontext():
+            return run_training(settings, checkpoint, folder)
     except UserFacingError as err:
         print_error(PROG, err)
         return 2
@@ -424,10 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         print_error(PROG, err)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        saved = folder is not None and folder.last_checkpoint.exists()
+        kept = "the last checkpoint is intact" if saved else "nothing had been saved yet"
+        print(f"{PROG}: interrupted; {kept}", file=sys.stderr)
         return 130
     finally:
         shutdown_distributed()
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

@@ -56,12 +56,38 @@ def write_history(history: list[dict[str, Any]], path: Path) -> None:
     write_atomically(path, lines.encode("utf-8"))
 
 
+ROW_NUMBERS = ("step", "train_loss", "val_loss", "train_bpc", "val_bpc", "elapsed_s")
+
+
 def read_history(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
-    """A run's evaluations from its metrics.jsonl, up to a step (a resumed run's checkpoint)."""
-    if not path.exists():
+    """A run's evaluations from its metrics.jsonl, up to a step (a resumed run's checkpoint).
+
+    A damaged line (cut short, edited, not UTF-8) is skipped with a warning: the log is for
+    reading, and losing one row must not stop a resumed run or the web demo.
+    """
+    if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["step"] <= up_to_step]
+    rows, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        row = _parse_row(line) if line.strip() else {}
+        if row is None:
+            damaged += 1
+        elif row and row["step"] <= up_to_step:
+            rows.append(row)
+    if damaged:
+        print(f"warning: skipped {damaged} damaged line(s) of {path}", file=sys.stderr)
+    return rows
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as a dict, or None if it is not a whole, sound row."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    numbers = [row.get(name) for name in ROW_NUMBERS] if isinstance(row, dict) else [None]
+    sound = all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers)
+    return row if sound else None
 
 
 def first_reached(history: list[dict[str, Any]], nats_per_char_target: float) -> Any:

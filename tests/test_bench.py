@@ -23,8 +23,9 @@ def test_time_to_quality_reads_the_first_time_each_target_was_reached(tmp_path):
         {"step": 200, "val_bpc": 1.65 / math.log(2), "elapsed_s": 60.0},
         {"step": 300, "val_bpc": 1.69 / math.log(2), "elapsed_s": 90.0},
     ]
+    losses = {"train_loss": 1.0, "val_loss": 1.0, "train_bpc": 1.0}  # not read here
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text("".join(json.dumps({**row, **losses}) + "\n" for row in rows))
     reached = bench.time_to_quality(path)
     assert reached["2.00 nats/char"] == 30.0
     assert reached["1.70 nats/char"] == 60.0

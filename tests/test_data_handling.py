@@ -226,7 +226,14 @@ def test_split_is_first_ninety_percent_then_the_rest():
     assert len(val) == 100
     assert train[0] == 0
     assert val[0] == 900
-    assert train.dtype == torch.int64
+    assert train.dtype == torch.int32  # 4 bytes a token in memory; batches are widened
+
+
+def test_batches_are_int64_from_int32_splits():
+    x, y = get_batch(
+        torch.arange(500, dtype=torch.int32), 4, 8, torch.Generator(), torch.device("cpu")
+    )
+    assert x.dtype == y.dtype == torch.int64
 
 
 def test_split_too_short_for_block_size_is_refused():
