@@ -245,6 +245,12 @@ def saved_tokenizer(checkpoint: dict[str, Any]) -> Tokenizer:
     return tokenizer_from_dict(checkpoint["tokenizer"])
 
 
+def saved_corpus_sha256(checkpoint: dict[str, Any]) -> str:
+    """The sha256 of the text a checkpoint's run trained on ("" in older checkpoints)."""
+    saved = checkpoint.get("corpus_sha256")
+    return saved if isinstance(saved, str) else ""
+
+
 def model_from_checkpoint(
     checkpoint: dict[str, Any], device: torch.device, precision: str = "float32"
 ) -> tuple[GPT, Tokenizer]:
@@ -283,16 +289,6 @@ def model_from_checkpoint(
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
     return model.to(device, getattr(torch, precision)).eval(), tokenizer
-
-
-def check_same_corpus(checkpoint: dict[str, Any], corpus_sha256: str, path: Path) -> None:
-    """Refuse to resume a run on another text than the one it trained on."""
-    saved = checkpoint.get("corpus_sha256")  # older checkpoints do not know
-    if saved and saved != corpus_sha256:
-        raise UserFacingError(
-            f"{path} is not the text this run trained on (its sha256 differs); resume with "
-            "the same corpus, or start a new run"
-        )
 
 
 def restore_training_state(

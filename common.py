@@ -6,7 +6,6 @@ Nothing here knows about models or text; it sits below every other module.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import os
@@ -74,12 +73,12 @@ class ForgivingStream:
 # Files
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | memoryview) -> str:
     """The sha256 digest of `data` as 64 hex characters."""
     return hashlib.sha256(data).hexdigest()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -97,9 +96,8 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-@functools.cache
 def _umask() -> int:
-    """The process' umask (reading it means setting it, so once)."""
+    """The process' umask (reading it means setting it, and setting it back)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import hashlib
 import io
 import json
 import urllib.error
@@ -113,13 +114,21 @@ def read_corpus(path: Path) -> str:
         raise UserFacingError(
             f"corpus {path} is not UTF-8 text (bad byte at offset {err.start})"
         ) from err
-    if not text.strip():
+    if text.isspace():
         raise UserFacingError(f"corpus {path} holds only whitespace")
     if "\0" in text:
         raise UserFacingError(f"corpus {path} contains NUL bytes; is it a binary file?")
     if len(set(text)) < 2:
         raise UserFacingError(f"corpus {path} repeats a single character: nothing to learn")
     return text
+
+
+def text_sha256(text: str) -> str:
+    """The sha256 of the text's UTF-8 bytes, encoded a piece at a time (no second copy)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(text), ENCODE_CHUNK_CHARS):
+        digest.update(text[start : start + ENCODE_CHUNK_CHARS].encode("utf-8"))
+    return digest.hexdigest()
 
 
 def check_unicode(text: str, what: str) -> None:
@@ -174,16 +183,21 @@ class CharTokenizer:
             raise UserFacingError(f"text has characters not in the vocabulary: {shown}") from None
 
     def encode_array(self, text: str) -> np.ndarray:
-        """A whole corpus to uint16 ids, at about 6 bytes a character (no list of ints)."""
-        check_unicode(text, "the corpus")
-        code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        """A whole corpus to uint16 ids, a piece at a time (a list of ints costs 36 bytes each)."""
         vocabulary = np.frombuffer(self.chars.encode("utf-32-le"), dtype=np.uint32)
         order = np.argsort(vocabulary)
-        ids = np.searchsorted(vocabulary, code_points, sorter=order)  # no copy of a dict lookup
-        ids = order[np.minimum(ids, len(order) - 1)]
-        if not np.array_equal(vocabulary[ids], code_points):
-            self.encode(text)  # raises, naming the characters outside the vocabulary
-        return ids.astype(np.uint16)
+        ids = np.empty(len(text), dtype=np.uint16)
+        for start in range(0, len(text), ENCODE_CHUNK_CHARS):
+            piece = text[start : start + ENCODE_CHUNK_CHARS]
+            code_points = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
+            # Each character's place in the sorted vocabulary, then its id.
+            found = order[
+                np.minimum(np.searchsorted(vocabulary, code_points, sorter=order), len(order) - 1)
+            ]
+            if not np.array_equal(vocabulary[found], code_points):
+                self.encode(piece)  # raises, naming the characters outside the vocabulary
+            ids[start : start + len(piece)] = found
+        return ids
 
     def count_chars(self, ids: torch.Tensor) -> int:
         """How many characters the ids decode to: one each."""
@@ -246,7 +260,6 @@ class BPETokenizer:
 
         The ids are exactly those of encoding the text at once (see `_piece_end`).
         """
-        check_unicode(text, "the corpus")
         pieces, start = [], 0
         while start < len(text):
             end = _piece_end(text, start + ENCODE_CHUNK_CHARS)
@@ -339,18 +352,19 @@ def stream_decode(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
 
 
 def encode_corpus(
-    text: str, tokenizer: Tokenizer, cache_dir: Path | None, text_sha256: str = ""
+    text: str, tokenizer: Tokenizer, cache_dir: Path | None, digest: str = ""
 ) -> np.ndarray:
     """The corpus as a uint16 array of ids, from the cache when a valid one exists.
 
     The cache file's name holds the corpus' sha256 and the tokenizer's key, and the file holds
     both again plus a checksum of the ids, so a stale, truncated or foreign cache is rebuilt.
-    Without a cache_dir, the corpus is encoded every time.
+    Without a cache_dir, the corpus is encoded every time. `digest` is the text's sha256, if
+    the caller has it already.
     """
     assert tokenizer.vocab_size <= 2**16, "uint16 cache cannot hold this vocabulary"
     if cache_dir is None:
         return tokenizer.encode_array(text)
-    digest = text_sha256 or sha256_hex(text.encode("utf-8"))
+    digest = digest or text_sha256(text)
     meta = {"corpus_sha256": digest, "tokenizer": tokenizer.cache_key()}
     path = cache_dir / f"tokens-{meta['corpus_sha256'][:16]}-{meta['tokenizer']}.npz"
     if path.exists():
@@ -373,17 +387,17 @@ def _read_token_cache(path: Path, meta: dict[str, str], vocab_size: int) -> np.n
         return None
     if tokens.dtype != np.uint16 or tokens.ndim != 1 or not len(tokens):
         return None
-    if stored != {**meta, "tokens_sha256": sha256_hex(tokens.tobytes())}:
+    if stored != {**meta, "tokens_sha256": sha256_hex(tokens.data)}:
         return None
     return tokens if int(tokens.max()) < vocab_size else None
 
 
 def _write_token_cache(path: Path, tokens: np.ndarray, meta: dict[str, str]) -> None:
-    full_meta = {**meta, "tokens_sha256": sha256_hex(tokens.tobytes())}
+    full_meta = {**meta, "tokens_sha256": sha256_hex(tokens.data)}
     buffer = io.BytesIO()
     np.savez(buffer, tokens=tokens, meta=np.array(json.dumps(full_meta)))
     try:
-        write_atomically(path, buffer.getvalue())
+        write_atomically(path, buffer.getbuffer())  # a view: no second copy of the archive
     except OSError as err:  # a cache is an optimisation: failing to write one is not fatal
         print(f"warning: could not write token cache {path} ({err})")
         return
@@ -409,7 +423,7 @@ def split_tokens(
                 f"the {name} split has {size} tokens, fewer than block_size + 1 = "
                 f"{block_size + 1}; use a longer corpus or a smaller block_size"
             )
-    ids = torch.from_numpy(tokens.astype(np.int32))  # get_batch widens each batch to int64
+    ids = torch.from_numpy(tokens)  # 2 bytes a token; get_batch widens each batch to int64
     return ids[:n_train], ids[n_train:]
 
 
@@ -442,7 +456,7 @@ class CorpusSplits:
     path: Path
     sha256: str  # of the text: tells whether a resumed run still reads the same corpus
     tokenizer: Tokenizer
-    tokens: dict[str, torch.Tensor]  # "train" and "val": 1-D int32 ids
+    tokens: dict[str, torch.Tensor]  # "train" and "val": 1-D uint16 ids
     chars: dict[str, int]  # how many characters of the text each split holds
 
     def summary(self) -> str:
@@ -460,16 +474,25 @@ class CorpusSplits:
 
 
 def load_splits(
-    config: DataConfig, block_size: int, tokenizer: Tokenizer | None = None
+    config: DataConfig,
+    block_size: int,
+    tokenizer: Tokenizer | None = None,
+    expected_sha256: str = "",
 ) -> CorpusSplits:
     """Find, read, tokenize (through the cache) and split the corpus `config` names.
 
     `tokenizer` is a saved run's; without one, a new one of config.tokenizer's kind is built.
+    With expected_sha256 (a resumed run's), another text than the one trained on is refused.
     """
     path = resolve_corpus(config.data)
     text = read_corpus(path)
+    digest = text_sha256(text)
+    if expected_sha256 and digest != expected_sha256:
+        raise UserFacingError(
+            f"{path} is not the text this run trained on (its sha256 differs); resume with "
+            "the same corpus, or start a new run"
+        )
     tokenizer = tokenizer or build_tokenizer(config.tokenizer, text)
-    digest = sha256_hex(text.encode("utf-8"))
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     tokens = encode_corpus(text, tokenizer, cache_dir, digest)
     train, val = split_tokens(tokens, config.val_fraction, block_size)

@@ -100,6 +100,7 @@ class RunFolder:
         The lock is a file holding the process id; one left by a process that no longer
         exists (killed) is taken over.
         """
+        created = not self.path.exists()
         self.make()
         lock = self.path / ".lock"
         for _ in range(2):
@@ -121,6 +122,9 @@ class RunFolder:
             yield
         finally:
             lock.unlink(missing_ok=True)
+            if created:  # a run that failed before writing anything leaves no empty folder
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
 
     def make(self) -> None:
         """Create the folder if it is not there; say so in one line if it cannot be."""

@@ -29,12 +29,12 @@ from checkpoint import (
     RunDescription,
     TrainingState,
     check_resumable,
-    check_same_corpus,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     restore_training_state,
     save_checkpoint,
+    saved_corpus_sha256,
     saved_settings,
     saved_tokenizer,
 )
@@ -248,10 +248,11 @@ def read_settings(argv: list[str] | None) -> tuple[RunSettings, dict[str, Any] |
 
 def load_data(data_config: DataConfig, block_size: int, checkpoint: dict | None) -> CorpusSplits:
     """The corpus, tokenized (with a resumed run's own tokenizer) and split; print its facts."""
-    tokenizer = saved_tokenizer(checkpoint) if checkpoint else None
-    corpus = load_splits(data_config, block_size, tokenizer)
-    if checkpoint is not None:
-        check_same_corpus(checkpoint, corpus.sha256, corpus.path)
+    if checkpoint is None:
+        corpus = load_splits(data_config, block_size)
+    else:
+        tokenizer, trained_on = saved_tokenizer(checkpoint), saved_corpus_sha256(checkpoint)
+        corpus = load_splits(data_config, block_size, tokenizer, trained_on)
     print(corpus.summary())
     return corpus
 
@@ -311,7 +312,7 @@ def build_run(
         distributed=distributed,
     )
     state = starting_state(run, checkpoint, folder)
-    example = corpus.tokens["train"][: model.config.block_size].unsqueeze(0).to(device)
+    example = corpus.tokens["train"][: model.config.block_size].long().unsqueeze(0).to(device)
     run.compiled = wrap_model(model, settings.train.compile, distributed, example)
     print(
         f"global batch: {settings.train.batch_size} x {settings.train.gradient_accumulation_steps}"

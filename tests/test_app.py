@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -124,6 +125,18 @@ def test_extreme_slider_values_are_clamped(loaded, temperature, top_k, top_p, ma
     )[-1]
     assert text.startswith("All:")
     assert len(text) > len("All:")
+
+
+@pytest.mark.parametrize(
+    ("temperature", "seed"),
+    [(math.nan, math.inf), (math.inf, -math.inf), (1e-300, 1e30), (-1e300, math.nan)],
+)
+def test_api_numbers_out_of_any_range_are_brought_in(loaded, temperature, seed):
+    text, _ = list(
+        app_backend.generate_stream(loaded, "All:", temperature, math.nan, math.inf, 8, seed)
+    )[-1]
+    assert text.startswith("All:")
+    assert len(text) == len("All:") + 8
 
 
 def test_max_new_tokens_is_capped(loaded, monkeypatch):
@@ -300,6 +313,23 @@ def test_browser_generates_text_and_shows_attention(server, tmp_path):
         target.mkdir(parents=True, exist_ok=True)
         for shot in shots.iterdir():
             shutil.copy(shot, target / f"app_{shot.name}")
+
+
+@pytest.mark.slow
+def test_uploads_are_refused(server):
+    boundary = "minigptboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\n'
+        f"Content-Type: text/plain\r\n\r\n{'x' * 4096}\r\n--{boundary}--\r\n"
+    ).encode()
+    request = urllib.request.Request(
+        f"{server}/gradio_api/upload",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 413
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ Run alone: python -m pytest tests/test_data_handling.py
 from __future__ import annotations
 
 import functools
+import os
 import urllib.error
 from pathlib import Path
 
@@ -184,6 +185,7 @@ def test_cache_is_reused_without_encoding_again(tmp_path, monkeypatch):
         raise AssertionError("encoded again despite a valid cache")
 
     monkeypatch.setattr(tokenizer, "encode", fail)
+    monkeypatch.setattr(tokenizer, "encode_array", fail)
     second = encode_corpus(text, tokenizer, tmp_path)
     assert np.array_equal(first, second)
     assert second.dtype == np.uint16
@@ -209,6 +211,70 @@ def test_damaged_or_foreign_cache_is_rebuilt(tmp_path, damage, capsys):
     assert "rebuilding" in capsys.readouterr().out
 
 
+def test_cache_with_ids_outside_the_vocabulary_is_rebuilt(tmp_path, capsys):
+    text = "some corpus text " * 10
+    tokenizer = CharTokenizer.from_text(text)
+    expected = encode_corpus(text, tokenizer, tmp_path)
+    (cache_file,) = tmp_path.glob("tokens-*.npz")
+    smaller = CharTokenizer(tokenizer.chars[:-1])  # same key scheme, one id fewer
+    cache_file.rename(
+        cache_file.with_name(cache_file.name.replace(tokenizer.cache_key(), smaller.cache_key()))
+    )
+    with pytest.raises(UserFacingError, match="not in the vocabulary"):
+        encode_corpus(text, smaller, tmp_path)  # rebuilt (not trusted), then refused honestly
+    assert "rebuilding" in capsys.readouterr().out
+    assert np.array_equal(encode_corpus(text, tokenizer, tmp_path), expected)
+
+
+def test_old_caches_are_removed_beyond_the_newest_few(tmp_path):
+    tokenizer = CharTokenizer("abc ")
+    for n in range(data_handling.TOKEN_CACHES_KEPT + 2):
+        encode_corpus("abc " * (n + 1), tokenizer, tmp_path)
+    assert len(list(tmp_path.glob("tokens-*.npz"))) == data_handling.TOKEN_CACHES_KEPT
+
+
+def test_bpe_encodes_a_corpus_in_pieces_exactly_as_at_once(bpe, monkeypatch, shakespeare_path):
+    text = shakespeare_path.read_text(encoding="utf-8")[:200_000]
+    monkeypatch.setattr(data_handling, "ENCODE_CHUNK_CHARS", 1000)  # about 200 pieces
+    pieces = bpe.encode_array(text)
+    assert np.array_equal(pieces, np.array(bpe.encode(text), dtype=np.uint16))
+    assert bpe.count_chars(torch.from_numpy(pieces)) == len(text)
+
+
+HARD_TEXT = (
+    "  spaces   \t\ttabs\r\nCRLF\n\n\n emoji 👩‍👩‍👧 ZWJ, 中文字符, e\u0301 combining, "
+    "1234567890123 digits, <|endoftext|> plain, " + "x" * 5000 + "\nend \n"
+)
+
+
+@pytest.mark.parametrize("piece", [7, 100, 1000])
+def test_bpe_pieces_agree_on_hard_text(bpe, monkeypatch, piece):
+    text = ("word\n" + HARD_TEXT) * 3
+    monkeypatch.setattr(data_handling, "ENCODE_CHUNK_CHARS", piece)
+    assert np.array_equal(bpe.encode_array(text), np.array(bpe.encode(text), dtype=np.uint16))
+    assert bpe.decode(bpe.encode_array(text).tolist()) == text
+
+
+def test_char_array_encoding_equals_the_plain_one():
+    text = "héllo wörld 👩\n" * 50
+    tokenizer = CharTokenizer.from_text(text)
+    assert tokenizer.encode_array(text).tolist() == tokenizer.encode(text)
+    with pytest.raises(UserFacingError, match="not in the vocabulary"):
+        tokenizer.encode_array(text + "€")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    from common import write_atomically
+
+    old = os.umask(0o027)
+    try:
+        write_atomically(tmp_path / "file", b"data")
+        (tmp_path / "plain").write_bytes(b"data")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "file").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
 def test_cache_depends_on_the_tokenizer(tmp_path, bpe):
     text = "to be or not to be " * 10
     encode_corpus(text, CharTokenizer.from_text(text), tmp_path)
@@ -226,12 +292,16 @@ def test_split_is_first_ninety_percent_then_the_rest():
     assert len(val) == 100
     assert train[0] == 0
     assert val[0] == 900
-    assert train.dtype == torch.int32  # 4 bytes a token in memory; batches are widened
+    assert train.dtype == torch.uint16  # 2 bytes a token in memory; batches are widened
 
 
-def test_batches_are_int64_from_int32_splits():
+def test_batches_are_int64_from_uint16_splits():
     x, y = get_batch(
-        torch.arange(500, dtype=torch.int32), 4, 8, torch.Generator(), torch.device("cpu")
+        torch.arange(500, dtype=torch.int32).to(torch.uint16),
+        4,
+        8,
+        torch.Generator(),
+        torch.device("cpu"),
     )
     assert x.dtype == y.dtype == torch.int64
 

@@ -97,6 +97,28 @@ def test_top_p_handles_unsorted_logits():
     torch.testing.assert_close(kept[1], logits[1])
 
 
+def test_top_k_of_one_is_greedy_even_with_ties():
+    logits = torch.tensor([1.0, 5.0, 2.0, 5.0, 5.0])  # three tokens share the largest logit
+    kept = top_k_filter(logits, 1)
+    assert torch.isfinite(kept).sum() == 1
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, 1, 1.0, generator) for _ in range(50)}
+    assert draws == {int(torch.argmax(logits))}
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_likeliest_token():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    kept = top_p_filter(logits, 1e-300)
+    assert torch.isfinite(kept).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-30])
+def test_tiny_temperatures_pick_the_likeliest_token_without_overflow(temperature):
+    logits = torch.tensor([10.0, 80.0, 79.9, -50.0])
+    generator = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, temperature, 0, 1.0, generator) for _ in range(20)} == {1}
+
+
 def test_sampling_only_draws_from_the_kept_tokens():
     logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
     generator = torch.Generator().manual_seed(0)

@@ -114,6 +114,14 @@ def test_choices_and_escaped_newlines():
     assert sample.prompt == "ROMEO:\nO"
 
 
+def test_paths_keep_their_backslashes():
+    argv = ["--out_dir=run\\new", "--data=my\\train.txt", "--prompt_file=a\\tb"]
+    (_, data, train, sample), _ = parse(argv)
+    assert train.out_dir == "run\\new"
+    assert data.data == "my\\train.txt"
+    assert sample.prompt_file == "a\\tb"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
