@@ -19,10 +19,10 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import figure_png
 from compare_runs import runs_table
-from data_handling import CharTokenizer, Tokenizer, stream_decode
 from hyperparameters import MAX_SEED, MIN_TEMPERATURE
 from model_architecture import GPT, attention_maps, generate
 from run_folder import RunFolder, runs_under
+from tokenization import CharTokenizer, Tokenizer, stream_decode
 from training_log import bits_per_char, loss_figure, read_history, runs_figure
 
 MAX_PROMPT_CHARS = 2000  # longer prompts keep their end: the model sees block_size at most

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 
 from common import UserFacingError, first_line, write_atomically
-from data_handling import Tokenizer, tokenizer_from_dict
 from devices import model_memory, require_memory
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer
+from tokenization import Tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "tokenizer", "model")

@@ -2,8 +2,8 @@
 
 1. Find the corpus: `--data PATH`, else `input.txt` in the current folder, else download
    Tiny Shakespeare (checked by sha256).
-2. Tokenize it: one token per character (`CharTokenizer`), or GPT-2's byte-pair encoding
-   (`BPETokenizer`, built by tiktoken from the ranks file shipped in `assets/`, no network).
+2. Tokenize it with one of tokenization.py's tokenizers: one token per character, or GPT-2's
+   byte-pair encoding.
 3. Cache the token ids on disk, so the next run skips encoding.
 4. Split the ids into train (the start) and validation (the end), and draw random windows
    as batches with `get_batch`.
@@ -13,7 +13,6 @@ characters, so that losses can be given per character whatever the tokenizer.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import hashlib
 import io
@@ -21,35 +20,23 @@ import json
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import tiktoken
 import torch
 
 from common import UserFacingError, sha256_hex, write_atomically
 from hyperparameters import DataConfig
+from tokenization import ENCODE_CHUNK_CHARS, Tokenizer, build_tokenizer
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_CORPUS = Path("input.txt")
-
-GPT2_RANKS_PATH = Path(__file__).resolve().parent / "assets" / "r50k_base.tiktoken"
-GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-# GPT-2's pre-tokenizer: splits text into words, numbers, punctuation runs and spaces before
-# byte-pair merging (the same pattern as tiktoken's r50k_base).
-GPT2_SPLIT_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-)
-GPT2_END_OF_TEXT = 50256
-# The corpus is read whole into memory (about 4 bytes a character at the peak, plus 4 bytes a
-# token); beyond this size, split the text or train on a part of it.
+# The corpus is read whole into memory (its text, then 2 bytes a token; about 6 bytes a
+# character at the peak); beyond this size, train on a part of it.
 MAX_CORPUS_BYTES = 1 << 30
-ENCODE_CHUNK_CHARS = 1 << 20  # BPE encodes the corpus in pieces of about this many characters
 TOKEN_CACHES_KEPT = 4  # the token caches a cache folder keeps (the most recently used)
 
 
@@ -129,222 +116,6 @@ def text_sha256(text: str) -> str:
     for start in range(0, len(text), ENCODE_CHUNK_CHARS):
         digest.update(text[start : start + ENCODE_CHUNK_CHARS].encode("utf-8"))
     return digest.hexdigest()
-
-
-def check_unicode(text: str, what: str) -> None:
-    """Refuse text that no UTF-8 file could hold (lone surrogates, e.g. from a shell's bytes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        bad = text[err.start]
-        raise UserFacingError(
-            f"{what} holds {bad!r} at position {err.start}, which is not a character (bytes "
-            "that are not UTF-8?)"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizers: text <-> list of ints. Both know how to describe themselves for a checkpoint.
-
-
-class CharTokenizer:
-    """One token per character; the vocabulary is the sorted set of the corpus' characters."""
-
-    kind = "char"
-
-    def __init__(self, chars: str) -> None:
-        if len(set(chars)) != len(chars):
-            raise UserFacingError("the character vocabulary has duplicates")
-        if len(chars) > 2**16:
-            raise UserFacingError(
-                f"the text has {len(chars):,} distinct characters; a character vocabulary holds "
-                "at most 65,536: use --tokenizer=bpe"
-            )
-        self.chars = chars
-        self.char_to_id = {ch: i for i, ch in enumerate(chars)}
-        self.vocab_size = len(chars)
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        """Build the vocabulary from every character that occurs in `text`."""
-        return cls("".join(sorted(set(text))))
-
-    def unknown_characters(self, text: str) -> str:
-        """The characters of `text` outside the vocabulary, quoted ('' if there are none)."""
-        unknown = sorted(set(text) - set(self.char_to_id))
-        return ", ".join(repr(ch) for ch in unknown[:10])
-
-    def encode(self, text: str) -> list[int]:
-        """Text to ids; characters outside the vocabulary are a user error naming them."""
-        try:
-            return [self.char_to_id[ch] for ch in text]
-        except KeyError:
-            shown = self.unknown_characters(text)
-            raise UserFacingError(f"text has characters not in the vocabulary: {shown}") from None
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """A whole corpus to uint16 ids, a piece at a time (a list of ints costs 36 bytes each)."""
-        vocabulary = np.frombuffer(self.chars.encode("utf-32-le"), dtype=np.uint32)
-        order = np.argsort(vocabulary)
-        ids = np.empty(len(text), dtype=np.uint16)
-        for start in range(0, len(text), ENCODE_CHUNK_CHARS):
-            piece = text[start : start + ENCODE_CHUNK_CHARS]
-            code_points = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
-            # Each character's place in the sorted vocabulary, then its id.
-            found = order[
-                np.minimum(np.searchsorted(vocabulary, code_points, sorter=order), len(order) - 1)
-            ]
-            if not np.array_equal(vocabulary[found], code_points):
-                self.encode(piece)  # raises, naming the characters outside the vocabulary
-            ids[start : start + len(piece)] = found
-        return ids
-
-    def count_chars(self, ids: torch.Tensor) -> int:
-        """How many characters the ids decode to: one each."""
-        return len(ids)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids to text."""
-        return "".join(self.chars[i] for i in ids)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The UTF-8 bytes of one token (for streaming output)."""
-        return self.chars[token_id].encode("utf-8")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The description stored in a checkpoint: the whole vocabulary."""
-        return {"kind": self.kind, "chars": self.chars}
-
-    def cache_key(self) -> str:
-        """Identifies this exact vocabulary, for the token cache's file name."""
-        return "char-" + sha256_hex(self.chars.encode("utf-8"))[:16]
-
-
-def load_gpt2_ranks(path: Path = GPT2_RANKS_PATH) -> dict[bytes, int]:
-    """Read GPT-2's byte-pair ranks (one `base64(token) rank` per line), checking the sha256."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise UserFacingError(f"GPT-2 ranks file {path} cannot be read ({err})") from err
-    if sha256_hex(raw) != GPT2_RANKS_SHA256:
-        raise UserFacingError(f"GPT-2 ranks file {path} is damaged (sha256 mismatch)")
-    ranks = {}
-    for line in raw.split(b"\n"):
-        if line:
-            token, rank = line.split()
-            ranks[codecs.decode(token, "base64")] = int(rank)
-    return ranks
-
-
-class BPETokenizer:
-    """GPT-2's byte-pair encoding (50,257 ids), built locally by tiktoken."""
-
-    kind = "bpe"
-
-    def __init__(self, ranks_path: Path = GPT2_RANKS_PATH) -> None:
-        self.encoding = tiktoken.Encoding(
-            name="gpt2",
-            pat_str=GPT2_SPLIT_PATTERN,
-            mergeable_ranks=load_gpt2_ranks(ranks_path),
-            special_tokens={"<|endoftext|>": GPT2_END_OF_TEXT},
-        )
-        self.vocab_size = self.encoding.n_vocab
-
-    def encode(self, text: str) -> list[int]:
-        """Text to ids. "<|endoftext|>" inside the text is treated as ordinary characters."""
-        check_unicode(text, "the text")
-        return self.encoding.encode_ordinary(text)
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """A whole corpus to uint16 ids, a piece at a time (a list of ints costs 36 bytes each).
-
-        The ids are exactly those of encoding the text at once (see `_piece_end`).
-        """
-        pieces, start = [], 0
-        while start < len(text):
-            end = _piece_end(text, start + ENCODE_CHUNK_CHARS)
-            pieces.append(np.array(self.encoding.encode_ordinary(text[start:end]), np.uint16))
-            start = end
-        return np.concatenate(pieces)
-
-    def count_chars(self, ids: torch.Tensor) -> int:
-        """How many characters the ids decode to, decoding a piece at a time."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        count = 0
-        for start in range(0, len(ids), ENCODE_CHUNK_CHARS):
-            chunk = ids[start : start + ENCODE_CHUNK_CHARS].tolist()
-            count += len(decoder.decode(self.encoding.decode_bytes(chunk)))
-        return count + len(decoder.decode(b"", final=True))
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids to text (bytes that are not valid UTF-8 become U+FFFD)."""
-        return self.encoding.decode(list(ids))
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of one token; a character may span two tokens."""
-        return self.encoding.decode_single_token_bytes(token_id)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The description stored in a checkpoint: the encoding's name and ranks digest."""
-        return {"kind": self.kind, "encoding": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256}
-
-    def cache_key(self) -> str:
-        """Identifies this exact encoding, for the token cache's file name."""
-        return "bpe-" + GPT2_RANKS_SHA256[:16]
-
-
-def _piece_end(text: str, at_least: int) -> int:
-    """Where a piece of text that GPT-2 can encode on its own may end, from `at_least` on.
-
-    After a newline between a letter or digit and a letter or digit, GPT-2's pre-tokenizer
-    always splits, and it reads that newline alone, whether or not the text goes on.
-    """
-    while at_least < len(text):
-        newline = text.find("\n", at_least)
-        if newline < 1 or newline + 1 >= len(text):
-            break
-        if text[newline - 1].isalnum() and text[newline + 1].isalnum():
-            return newline + 1
-        at_least = newline + 1
-    return len(text)
-
-
-Tokenizer = CharTokenizer | BPETokenizer
-
-
-def build_tokenizer(kind: str, text: str) -> Tokenizer:
-    """A fresh tokenizer of the given kind ("char" or "bpe") for this corpus."""
-    if kind == "char":
-        return CharTokenizer.from_text(text)
-    if kind == "bpe":
-        return BPETokenizer()
-    raise UserFacingError(f"unknown tokenizer {kind!r}; choose char or bpe")
-
-
-def tokenizer_from_dict(description: Any) -> Tokenizer:
-    """Rebuild the tokenizer a checkpoint describes."""
-    if not isinstance(description, dict):
-        raise UserFacingError(f"checkpoint describes its tokenizer as {description!r:.60}")
-    kind = description.get("kind")
-    if kind == "char" and isinstance(description.get("chars"), str):
-        return CharTokenizer(description["chars"])
-    if kind == "bpe" and description.get("encoding") == "gpt2":
-        if description.get("ranks_sha256") != GPT2_RANKS_SHA256:
-            raise UserFacingError("checkpoint was made with other GPT-2 ranks than this project's")
-        return BPETokenizer()
-    raise UserFacingError(f"checkpoint describes an unknown tokenizer: {description!r:.80}")
-
-
-def stream_decode(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
-    """Turn a stream of ids into a stream of text pieces, never splitting a character."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token_id in ids:
-        piece = decoder.decode(tokenizer.token_bytes(token_id))
-        if piece:
-            yield piece
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield tail
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
+import sys
+from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -254,3 +258,34 @@ def wrap_model(
             forward_sync_buffers=False,
         )
     return wrapped
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping politely: a signal asks every process to stop after the same step (any_process)
+
+
+class StopRequest:
+    """Stopping politely: a first Ctrl-C, SIGTERM or SIGHUP (the terminal closed).
+
+    It asks the loop to stop after the current step, and save; a second one quits at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+        for sig in (signal.SIGINT, signal.SIGTERM, *([hangup] if hangup else [])):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (press Ctrl-C again to quit at once)", file=sys.stderr)

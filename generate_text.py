@@ -19,11 +19,11 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserFacingError, print_error
-from data_handling import Tokenizer, check_unicode, stream_decode
 from devices import resolve_device
 from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
 from model_architecture import GPT, generate
 from run_folder import checkpoint_to_sample
+from tokenization import Tokenizer, check_unicode, stream_decode
 
 PROG = "generate_text.py"
 SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"

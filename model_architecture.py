@@ -322,14 +322,12 @@ class GPT(nn.Module):
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Set all but the k largest logits to -inf (k <= 0 or k >= V keeps all).
 
-    Exactly k stay, even when several logits tie at the k-th value (then the first ones).
+    Exactly k stay, also when several tie at the k-th value: top_k=1 is greedy.
     """
     if k <= 0 or k >= logits.size(-1):
         return logits
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(
-        -1, torch.topk(logits, k).indices, True
-    )
-    return logits.masked_fill(~keep, float("-inf"))
+    top = torch.topk(logits, k)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, top.indices, top.values)
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -438,15 +436,9 @@ def generate(
 
 @torch.inference_mode()
 def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """Attention weights of every layer and head for one sequence.
+    """Attention weights of every layer and head for token ids idx (1, T), T <= block_size.
 
-    Args:
-        model: the GPT.
-        idx: token ids, (1, T) with T <= block_size.
-
-    Returns:
-        (n_layer, nh, T, T): row t of a map shows how position t spreads its attention over
-        positions 0..t.
+    Returns (n_layer, nh, T, T): row t of a map is how position t spreads its attention.
     """
     T = idx.size(1)
     x = model.embed(idx)  # (1, T, C)

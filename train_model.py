@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -39,9 +37,10 @@ from checkpoint import (
     saved_tokenizer,
 )
 from common import ForgivingStream, UserFacingError, print_error
-from data_handling import CorpusSplits, Tokenizer, get_batch, load_splits
+from data_handling import CorpusSplits, get_batch, load_splits
 from devices import (
     Distributed,
+    StopRequest,
     any_process,
     autocast_context,
     process_rank,
@@ -65,6 +64,7 @@ from hyperparameters import (
 from model_architecture import GPT, generate
 from optimization import Optimizer, learning_rate_at, make_optimizer
 from run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
+from tokenization import Tokenizer
 from training_log import (
     Progress,
     TensorBoardLog,
@@ -187,37 +187,6 @@ def evaluation_sample(run: Run, tokenizer: Tokenizer) -> str:
     text = tokenizer.decode([*prompt, *new_ids])
     run.model.train()
     return text
-
-
-# ----------------------------------------------------------------------------------------------
-# Stopping politely on Ctrl-C
-
-
-class StopRequest:
-    """Stopping politely: a first Ctrl-C, SIGTERM or SIGHUP (the terminal closed).
-
-    It asks the loop to stop after the current step, and save; a second one quits at once.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        hangup = getattr(signal, "SIGHUP", None)  # not on Windows
-        for sig in (signal.SIGINT, signal.SIGTERM, *([hangup] if hangup else [])):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (press Ctrl-C again to quit at once)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

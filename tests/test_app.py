@@ -32,7 +32,7 @@ import app
 import app_backend
 import train_model
 from conftest import PROJECT_ROOT, tiny_train_argv
-from data_handling import CharTokenizer
+from tokenization import CharTokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

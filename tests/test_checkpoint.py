@@ -26,10 +26,10 @@ from checkpoint import (
 )
 from common import UserFacingError
 from conftest import SMALL_TEXT
-from data_handling import CharTokenizer
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import make_optimizer
+from tokenization import CharTokenizer
 
 CPU = torch.device("cpu")
 

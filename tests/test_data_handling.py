@@ -17,20 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data_handling
-from common import UserFacingError
+import tokenization
+from common import UserFacingError, sha256_hex
 from data_handling import (
-    BPETokenizer,
-    CharTokenizer,
     download_corpus,
     encode_corpus,
     get_batch,
     read_corpus,
     resolve_corpus,
-    sha256_hex,
     split_tokens,
-    stream_decode,
-    tokenizer_from_dict,
 )
+from tokenization import BPETokenizer, CharTokenizer, stream_decode, tokenizer_from_dict
 
 
 @functools.cache
@@ -147,7 +144,7 @@ def test_bpe_round_trip_for_any_unicode(text):
 
 def test_bpe_refuses_damaged_ranks_file(tmp_path):
     damaged = tmp_path / "ranks.tiktoken"
-    damaged.write_bytes(data_handling.GPT2_RANKS_PATH.read_bytes()[:-10])
+    damaged.write_bytes(tokenization.GPT2_RANKS_PATH.read_bytes()[:-10])
     with pytest.raises(UserFacingError, match="damaged"):
         BPETokenizer(damaged)
 
@@ -235,7 +232,7 @@ def test_old_caches_are_removed_beyond_the_newest_few(tmp_path):
 
 def test_bpe_encodes_a_corpus_in_pieces_exactly_as_at_once(bpe, monkeypatch, shakespeare_path):
     text = shakespeare_path.read_text(encoding="utf-8")[:200_000]
-    monkeypatch.setattr(data_handling, "ENCODE_CHUNK_CHARS", 1000)  # about 200 pieces
+    monkeypatch.setattr(tokenization, "ENCODE_CHUNK_CHARS", 1000)  # about 200 pieces
     pieces = bpe.encode_array(text)
     assert np.array_equal(pieces, np.array(bpe.encode(text), dtype=np.uint16))
     assert bpe.count_chars(torch.from_numpy(pieces)) == len(text)
@@ -250,7 +247,7 @@ HARD_TEXT = (
 @pytest.mark.parametrize("piece", [7, 100, 1000])
 def test_bpe_pieces_agree_on_hard_text(bpe, monkeypatch, piece):
     text = ("word\n" + HARD_TEXT) * 3
-    monkeypatch.setattr(data_handling, "ENCODE_CHUNK_CHARS", piece)
+    monkeypatch.setattr(tokenization, "ENCODE_CHUNK_CHARS", piece)
     assert np.array_equal(bpe.encode_array(text), np.array(bpe.encode(text), dtype=np.uint16))
     assert bpe.decode(bpe.encode_array(text).tolist()) == text
 
