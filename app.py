@@ -1,12 +1,12 @@
 """A web demo: write with a trained model in the browser, see how it learned and where it looks.
 
-    python app.py                          # http://127.0.0.1:7860, the model in out/ckpt_best.pth
-    python app.py --ckpt out/ckpt_last.pth --port 8000
+    python app.py                          # http://127.0.0.1:7860, the latest run's best model
+    python app.py --out_dir out/run-20261123-101500 --port 8000
     python app.py --host 0.0.0.0           # reachable from other machines on your network
 
 Three tabs: Generate (text streamed as it is made, with temperature, top-k, top-p and a seed),
-Training (the run's loss curves) and Attention (the attention weights of every layer and head
-for a short prompt, from the hand-written attention).
+Training (the run's loss curves, and the runs beside it to compare) and Attention (the
+attention weights of every layer and head for a short prompt, from the hand-written attention).
 """
 
 from __future__ import annotations

@@ -53,11 +53,7 @@ def load_model(path: Path, device: torch.device, precision: str = "float32") -> 
         "parameters": model.num_parameters(),
         "shape": f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide",
         "context": config.block_size,
-        "tokenizer": (
-            f"characters ({tokenizer.vocab_size} symbols)"
-            if isinstance(tokenizer, CharTokenizer)
-            else f"GPT-2 byte-pair encoding ({tokenizer.vocab_size:,} tokens)"
-        ),
+        "tokenizer": tokenizer.describe(),
         "steps": checkpoint.get("step", 0),
         "best_val_loss": best,
         "best_val_bpc": bits_per_char(best, tokens_per_char) if tokens_per_char else None,
@@ -169,8 +165,13 @@ def training_plot(metrics_path: Path) -> Any:
 
 
 def runs_beside(folder: RunFolder) -> list[RunFolder]:
-    """The run folders next to this run's (under out/, usually), this run's included."""
+    """The run folders next to this run's (under out/, usually), this run's included.
+
+    For a run trained into out/ itself, the runs inside it too.
+    """
     runs = runs_under(folder.path.parent)
+    inside = [run for run in runs_under(folder.path) if run != folder]
+    runs += [run for run in inside if run not in runs]
     return runs if folder in runs else [folder, *runs]
 
 

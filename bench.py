@@ -12,9 +12,10 @@ Measurements (each training and generation case runs in a fresh process, so its 
 is its own):
   roof      the float32 matmul rate of a large torch.mm (GFLOP/s): the machine's ceiling
   train     tokens/s, ms per step, achieved GFLOP/s and its share of the roof (MFU), peak RSS
-            for nanoGPT's CPU "baby" shape (4 x 128, block 64, batch 12) with characters and
-            with GPT-2 BPE, the classic 6 x 384 (block 256, batch 64), all with AdamW as
-            nanoGPT trains them, and the current defaults (with their optimizer, and with AdamW)
+            for nanoGPT's CPU "baby" shape (4 x 128, block 64, batch 12) with characters, with
+            GPT-2 BPE and with Tiny Shakespeare's fitted GPT-2 vocabulary, the classic 6 x 384
+            (block 256, batch 64), all with AdamW as nanoGPT trains them, and the current
+            defaults (with their optimizer, and with AdamW)
   generate  new tokens/s for 1,000 and 2,000 tokens from a 6 x 384 character model with block
             256: with the key/value cache (float32 and bfloat16 weights) and with full
             recomputation; time to the first token
@@ -50,6 +51,9 @@ from train_model import Run, train_step
 from training_log import bits_per_char, first_reached, nats_per_char, read_history
 
 CHARS, GPT2_TOKENS = 65, 50257  # vocabulary sizes: Tiny Shakespeare's characters, GPT-2 BPE
+# The fitted GPT-2 vocabulary of Tiny Shakespeare's training split (val_fraction 0.1): the
+# 11,265 GPT-2 tokens it uses and the byte tokens among GPT-2's 256 that it does not.
+FITTED_GPT2_TOKENS = 11459
 SIX_BY_384 = ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=CHARS)
 # The shapes nanoGPT publishes, built and trained its way: learned positions, AdamW.
 BABY = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, position="learned")
@@ -61,6 +65,10 @@ TRAIN_SHAPES = {
     ),
     "baby, GPT-2 BPE": (
         dataclasses.replace(BABY, vocab_size=GPT2_TOKENS),
+        dataclasses.replace(LIKE_NANOGPT, batch_size=12),
+    ),
+    "baby, fitted GPT-2 BPE": (
+        dataclasses.replace(BABY, vocab_size=FITTED_GPT2_TOKENS),
         dataclasses.replace(LIKE_NANOGPT, batch_size=12),
     ),
     "6x384 T256 B64": (

@@ -54,6 +54,7 @@ HOW_TO_TRAIN = "train one with `python train_model.py`"
 # these values say, whatever today's defaults are.
 MODEL_SETTINGS_BEFORE_THEY_EXISTED = {"position": "learned"}
 TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw"}
+DATA_SETTINGS_BEFORE_THEY_EXISTED = {"bpe_vocabulary": "full"}
 
 
 @dataclasses.dataclass
@@ -221,6 +222,7 @@ def saved_model_config(checkpoint: dict[str, Any]) -> ModelConfig:
 
 def saved_settings(checkpoint: dict[str, Any]) -> RunSettings:
     """Every setting a checkpoint's run was made with, as this version of the project names them."""
+    data = {**DATA_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["data_config"]}
     saved_train = checkpoint.get("train_config", {})
     if not isinstance(saved_train, dict):
         raise UserFacingError("the saved run's settings are not valid (train_config)")
@@ -233,7 +235,7 @@ def saved_settings(checkpoint: dict[str, Any]) -> RunSettings:
     try:
         return RunSettings(
             model=saved_model_config(checkpoint),
-            data=DataConfig(**_known_fields(DataConfig, checkpoint["data_config"])),
+            data=DataConfig(**_known_fields(DataConfig, data)),
             train=TrainConfig(**_known_fields(TrainConfig, train)),
         )
     except (KeyError, TypeError, ValueError) as err:  # a damaged or hand-edited checkpoint

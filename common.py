@@ -66,6 +66,8 @@ class ForgivingStream:
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 
     def __getattr__(self, name: str) -> Any:
+        if name == "stream":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.stream, name)  # isatty, encoding, fileno...
 
 

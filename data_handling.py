@@ -27,7 +27,13 @@ import torch
 
 from common import UserFacingError, sha256_hex, write_atomically
 from hyperparameters import DataConfig
-from tokenization import ENCODE_CHUNK_CHARS, Tokenizer, build_tokenizer
+from tokenization import (
+    ENCODE_CHUNK_CHARS,
+    BPETokenizer,
+    FittedBPETokenizer,
+    Tokenizer,
+    build_tokenizer,
+)
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -185,7 +191,7 @@ def _write_token_cache(path: Path, tokens: np.ndarray, meta: dict[str, str]) -> 
 def split_tokens(
     tokens: np.ndarray, val_fraction: float, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """First (1 - val_fraction) of the ids for training, the rest for validation (int64)."""
+    """First (1 - val_fraction) of the ids for training, the rest for validation (uint16)."""
     n_val = int(len(tokens) * val_fraction)
     n_train = len(tokens) - n_val
     for name, size in (("training", n_train), ("validation", n_val)):
@@ -234,14 +240,36 @@ class CorpusSplits:
         """One line about the corpus and its splits, for the start of training."""
         train, val = self.tokens["train"], self.tokens["val"]
         return (
-            f"corpus {self.path}: {sum(self.chars.values()):,} characters, "
-            f"{self.tokenizer.kind} tokenizer with {self.tokenizer.vocab_size:,} tokens; "
-            f"{len(train):,} training and {len(val):,} validation tokens"
+            f"corpus {self.path}: {sum(self.chars.values()):,} characters; "
+            f"{self.tokenizer.describe()}; {len(train):,} training and {len(val):,} validation "
+            "tokens"
         )
 
     def tokens_per_char(self) -> dict[str, float]:
         """Tokens per character of each split: turns a loss per token into one per character."""
         return {name: len(ids) / self.chars[name] for name, ids in self.tokens.items()}
+
+
+def fitted_splits(
+    text: str,
+    tokenizer: FittedBPETokenizer | None,
+    config: DataConfig,
+    block_size: int,
+    cache_dir: Path | None,
+    digest: str,
+) -> tuple[FittedBPETokenizer, torch.Tensor, torch.Tensor]:
+    """The splits in a fitted GPT-2 vocabulary.
+
+    GPT-2's own ids are split; a new run's vocabulary is fitted to the training split alone
+    (nothing of the validation text shapes it); then both splits are renumbered into it.
+    """
+    gpt2 = tokenizer.gpt2 if tokenizer is not None else BPETokenizer()
+    gpt2_tokens = encode_corpus(text, gpt2, cache_dir, digest)
+    train, val = split_tokens(gpt2_tokens, config.val_fraction, block_size)
+    tokenizer = tokenizer or FittedBPETokenizer.from_training_ids(train.numpy(), gpt2)
+    # The validation text may hold tokens the training text never used: spelled as bytes.
+    fitted = [torch.from_numpy(tokenizer.from_gpt2(ids.numpy())) for ids in (train, val)]
+    return tokenizer, fitted[0], fitted[1]
 
 
 def load_splits(
@@ -263,10 +291,16 @@ def load_splits(
             f"{path} is not the text this run trained on (its sha256 differs); resume with "
             "the same corpus, or start a new run"
         )
-    tokenizer = tokenizer or build_tokenizer(config.tokenizer, text)
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
-    tokens = encode_corpus(text, tokenizer, cache_dir, digest)
-    train, val = split_tokens(tokens, config.val_fraction, block_size)
+    fitted = tokenizer is None and config.tokenizer == "bpe" and config.bpe_vocabulary == "fitted"
+    if fitted or isinstance(tokenizer, FittedBPETokenizer):
+        tokenizer, train, val = fitted_splits(
+            text, tokenizer, config, block_size, cache_dir, digest
+        )
+    else:
+        tokenizer = tokenizer or build_tokenizer(config.tokenizer, text)
+        tokens = encode_corpus(text, tokenizer, cache_dir, digest)
+        train, val = split_tokens(tokens, config.val_fraction, block_size)
     # Characters per split, so that losses can be reported per character for any tokenizer.
     train_chars = tokenizer.count_chars(train)
     return CorpusSplits(

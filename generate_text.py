@@ -1,8 +1,9 @@
 """Write text with a trained model, streamed to the terminal as it is generated.
 
-    python generate_text.py                                  # from out/ckpt_best.pth
+    python generate_text.py                  # the latest run's best checkpoint
     python generate_text.py --prompt "ROMEO:" --max_new_tokens 300 --temperature 0.7
-    python generate_text.py --ckpt out/ckpt_last.pth --num_samples 3 --top_k 40 --seed 7
+    python generate_text.py --out_dir out/run-20261123-101500 --num_samples 3 --top_k 40
+    python generate_text.py --ckpt my_model.pth --seed 7
 
 Everything about the model (its shape and tokenizer) comes from the checkpoint; the same
 checkpoint, prompt, settings and seed always give the same text.

@@ -79,6 +79,11 @@ class DataConfig:
     tokenizer: Literal["char", "bpe"] = setting(
         "char", "char: one token per character; bpe: GPT-2's byte-pair encoding"
     )
+    bpe_vocabulary: Literal["fitted", "full"] = setting(
+        "fitted",
+        "bpe only: fitted keeps the GPT-2 tokens the training text uses (and its 256 byte "
+        "tokens, which spell any other); full keeps all 50,257, as GPT-2's own weights need",
+    )
     val_fraction: float = setting(0.1, "share of the corpus (its end) held out; 0.05..0.2")
     cache_dir: str = setting(".cache", "folder for encoded-corpus caches; empty = no cache")
 
@@ -110,7 +115,7 @@ class TrainConfig:
     out_dir: str = setting(
         "", "run folder; empty: a new one under out/ to train, out/'s latest to resume or sample"
     )
-    resume: bool = setting(False, "continue the run saved in out_dir/ckpt_last.pth")
+    resume: bool = setting(False, "continue out_dir's run (no out_dir: the latest run)")
     overwrite: bool = setting(False, "start a new run in an out_dir that holds one, replacing it")
     device: Literal["auto", "cpu", "cuda", "mps"] = setting(
         "auto", "auto tries cuda, then mps, then cpu"

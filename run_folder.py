@@ -2,8 +2,8 @@
 
 Every run gets a folder of its own, so that no run replaces another: `--out_dir` names it, or
 else it is a new folder under out/ named by the time the run starts (out/run-20261123-164512).
-out/latest.txt names the run started last under out/, which generation, the web demo and
---resume use when they are not told which run to take. A run folder holds:
+out/latest.txt names the run started or resumed last under out/, which generation, the web
+demo and --resume use when they are not told which run to take. A run folder holds:
 
     ckpt_last.pth    the latest checkpoint: what --resume continues
     ckpt_best.pth    the checkpoint with the lowest validation loss: what sampling uses
@@ -25,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from common import UserFacingError, write_atomically
+
+try:
+    import fcntl  # POSIX file locks
+except ImportError:  # Windows
+    fcntl = None
 
 RUNS_ROOT = Path("out")  # where runs go when no --out_dir is given
 LATEST = "latest.txt"  # in RUNS_ROOT: the name of the run started last there
@@ -94,36 +99,36 @@ class RunFolder:
             path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the folder for one training process; another is refused until this one ends.
+    def lock(self, discard_if_empty: bool = False) -> Iterator[None]:
+        """Hold the folder for this training process: another one is refused while it runs.
 
-        The lock is a file holding the process id; one left by a process that no longer
-        exists (killed) is taken over.
+        The operating system releases the lock when the process ends, however it ends (a kill
+        too), so a lock never outlives its run; the file names the process that holds it. With
+        discard_if_empty, a new run that fails before writing anything leaves no folder behind.
+        (Without fcntl, on Windows, nothing is locked.)
         """
-        created = not self.path.exists()
         self.make()
         lock = self.path / ".lock"
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = _lock_owner(lock)
-                if owner is not None and _process_exists(owner):
+        with lock.open("a+") as file:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    file.seek(0)
+                    owner = file.read().strip() or "?"
                     raise UserFacingError(
                         f"another training run (process {owner}) is using {self.path}; wait "
                         "for it to finish, or train into another --out_dir"
                     ) from None
-                lock.unlink(missing_ok=True)  # its process is gone: take the folder over
-                continue
-            with os.fdopen(fd, "w") as file:
-                file.write(str(os.getpid()))
-            break
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-            if created:  # a run that failed before writing anything leaves no empty folder
-                with contextlib.suppress(OSError):
+            file.seek(0)
+            file.truncate()
+            file.write(str(os.getpid()))
+            file.flush()
+            try:
+                yield
+            finally:
+                if discard_if_empty and [p.name for p in self.path.iterdir()] == [".lock"]:
+                    lock.unlink()
                     self.path.rmdir()
 
     def make(self) -> None:
@@ -149,36 +154,28 @@ class RunFolder:
         write_atomically(self.settings, json.dumps(settings, indent=2).encode("utf-8"))
 
 
-def _lock_owner(lock: Path) -> int | None:
-    """The process id a lock file holds (None if unreadable)."""
-    try:
-        return int(lock.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _process_exists(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    try:
-        os.kill(pid, 0)  # signal 0 checks, and sends nothing
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists, but belongs to another user
-    return True
-
-
 # ----------------------------------------------------------------------------------------------
 # Finding runs
 
 
-def new_run_folder(root: Path = RUNS_ROOT) -> RunFolder:
-    """A folder under root for a new run, named by the time (a suffix if the name is taken)."""
+def new_run_folder(root: Path = RUNS_ROOT, claim: bool = True) -> RunFolder:
+    """A new folder under root for a new run, named by the time.
+
+    With claim, the folder is created, which claims the name: a run started in the same
+    second gets a suffix (-2, -3...).
+    """
     name = time.strftime("run-%Y%m%d-%H%M%S")
-    candidate, number = root / name, 2
-    while candidate.exists():
-        candidate, number = root / f"{name}-{number}", number + 1
-    return RunFolder(candidate)
+    if not claim:
+        return RunFolder(root / name)
+    root.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        candidate = root / (name if number == 1 else f"{name}-{number}")
+        try:
+            candidate.mkdir()
+            return RunFolder(candidate)
+        except FileExistsError:
+            number += 1
 
 
 def mark_latest(folder: RunFolder, root: Path = RUNS_ROOT) -> None:
@@ -188,13 +185,18 @@ def mark_latest(folder: RunFolder, root: Path = RUNS_ROOT) -> None:
 
 
 def latest_run(root: Path = RUNS_ROOT) -> RunFolder:
-    """The run started last under root; root itself if it is a run folder of its own."""
+    """The run started or resumed last under root.
+
+    If latest.txt names no folder that exists (deleted), the last run folder by name (they
+    are named by time); root itself for a run trained into it, or when there is none yet.
+    """
     pointer = root / LATEST
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-        if name and Path(name).name == name:  # a plain name: never a path out of root
+        if name and Path(name).name == name and (root / name).is_dir():  # never out of root
             return RunFolder(root / name)
-    return RunFolder(root)  # a run trained into out/ itself, or none yet
+    runs = [run for run in runs_under(root) if run.path != root]
+    return runs[-1] if runs else RunFolder(root)
 
 
 def chosen_run(out_dir: str) -> RunFolder:
@@ -207,13 +209,13 @@ def checkpoint_to_sample(ckpt: str, out_dir: str) -> Path:
     return Path(ckpt) if ckpt else chosen_run(out_dir).sampling_checkpoint
 
 
-def folder_for_new_run(out_dir: str, overwrite: bool) -> RunFolder:
-    """--out_dir, or a new folder under out/, for a new run.
+def folder_for_new_run(out_dir: str, overwrite: bool, claim: bool = True) -> RunFolder:
+    """--out_dir, or a new folder under out/ (created if claim), for a new run.
 
     A folder that holds a run is refused unless --overwrite says to replace it: no run
     silently replaces another.
     """
-    folder = RunFolder(Path(out_dir)) if out_dir else new_run_folder()
+    folder = RunFolder(Path(out_dir)) if out_dir else new_run_folder(claim=claim)
     if folder.holds_a_run() and not overwrite:
         raise UserFacingError(
             f"{folder.path} holds another run; continue it with --resume, train into another "
@@ -224,8 +226,9 @@ def folder_for_new_run(out_dir: str, overwrite: bool) -> RunFolder:
 
 def runs_under(root: Path) -> list[RunFolder]:
     """Every run folder directly under root (and root itself if it is one), by name."""
-    if not root.is_dir():
+    try:
+        subfolders = sorted(path for path in root.iterdir() if path.is_dir())
+    except OSError:  # missing, or not readable
         return []
-    subfolders = sorted(path for path in root.iterdir() if path.is_dir())
     folders = [RunFolder(root), *(RunFolder(path) for path in subfolders)]
     return [folder for folder in folders if folder.metrics.is_file()]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -200,7 +201,9 @@ def read_settings(argv: list[str] | None) -> tuple[RunSettings, dict[str, Any] |
         parser, [ModelConfig, DataConfig, TrainConfig], argv
     )
     if not train_config.resume:
-        folder = folder_for_new_run(train_config.out_dir, train_config.overwrite)
+        # Under torchrun, process 0 creates the folder; the others write nothing there.
+        claim = process_rank() == 0
+        folder = folder_for_new_run(train_config.out_dir, train_config.overwrite, claim)
         train_config = dataclasses.replace(train_config, out_dir=str(folder.path))
         return RunSettings(model=model_config, data=data_config, train=train_config), None
     folder = chosen_run(train_config.out_dir)
@@ -281,6 +284,8 @@ def build_run(
         distributed=distributed,
     )
     state = starting_state(run, checkpoint, folder)
+    if checkpoint is not None:
+        checkpoint.clear()  # its tensors now live in the model and optimizer: no second copy
     example = corpus.tokens["train"][: model.config.block_size].long().unsqueeze(0).to(device)
     run.compiled = wrap_model(model, settings.train.compile, distributed, example)
     print(
@@ -400,8 +405,9 @@ def run_training(
     """Set the run up in its folder and train; returns the exit status."""
     run, state, description = build_run(settings, checkpoint, folder)
     if run.distributed.is_main:
-        replace = settings.train.overwrite and checkpoint is None
-        folder.start(description.settings.to_dict(), replace=replace)
+        # A new run clears what the folder holds of an earlier one: --overwrite let it replace
+        # a run, and files without a checkpoint (a run killed at once) are worth nothing.
+        folder.start(description.settings.to_dict(), replace=checkpoint is None)
         mark_latest(folder)
     return train(run, state, description, folder)
 
@@ -416,11 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if process_rank() > 0:
             # Under torchrun only process 0 reports progress; the others stay quiet.
-            sys.stdout = ForgivingStream(None)
+            sys.stdout = ForgivingStream(open(os.devnull, "w"))  # noqa: SIM115 - for good
         settings, checkpoint = read_settings(argv)
         folder = RunFolder(Path(settings.train.out_dir))
         # One training process per folder: process 0 holds it (the others write nothing).
-        with folder.lock() if process_rank() == 0 else contextlib.nullcontext():
+        new_run = checkpoint is None
+        lock = folder.lock(discard_if_empty=new_run) if process_rank() == 0 else None
+        with lock or contextlib.nullcontext():
             return run_training(settings, checkpoint, folder)
     except UserFacingError as err:
         print_error(PROG, err)

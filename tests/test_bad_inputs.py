@@ -27,6 +27,7 @@ import generate_text
 import train_model
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import PROJECT_ROOT, SMALL_TEXT, tiny_train_argv
+from devices import StopRequest
 
 TRAIN = str(PROJECT_ROOT / "train_model.py")
 GENERATE = str(PROJECT_ROOT / "generate_text.py")
@@ -76,7 +77,13 @@ def sparse_file(path: Path, size: int) -> Path:
 TRAINING_CASES = [
     # (id, options, setup of the working folder, expected status, words in the message)
     ("batch too large", {"batch_size": 10_000_000}, None, 2, ["needs about", "--batch_size"]),
-    ("context too long", {"block_size": 100_000, "max_iters": 1}, "long corpus", 2, ["GiB"]),
+    (
+        "context too long",
+        {"block_size": 100_000, "max_iters": 1},
+        "long corpus",
+        2,
+        ["needs about", "--block_size"],
+    ),
     ("too wide", {"n_embd": 1_000_000}, None, 2, ["needs about", "--n_embd"]),
     ("too deep", {"n_layer": 100_000}, None, 2, ["needs about", "--n_layer"]),
     ("corpus is /dev/zero", {"data": "/dev/zero"}, None, 2, ["not a regular file"]),
@@ -120,8 +127,11 @@ def test_bad_training_input_is_one_line(tmp_path, capsys, options, setup, status
     options = {k: str(v).replace("{tmp}", str(tmp_path)) for k, v in options.items()}
     out_dir = Path(options.pop("out_dir", tmp_path / "out"))
     argv = tiny_train_argv(out_dir, tmp_path / "corpus.txt", **options)
+    before = {p.name: p.lstat().st_mtime_ns for p in tmp_path.iterdir()}
     one_line_error(capsys, run_main(train_model.main, argv), status, *needles)
     assert not (tmp_path / "out").exists()  # a run that could not start leaves nothing
+    for name, mtime in before.items():  # what was there is untouched (the token cache may come)
+        assert (tmp_path / name).lstat().st_mtime_ns == mtime, name
 
 
 def test_a_torchrun_variable_that_is_not_a_number(tmp_path, tiny_corpus, capsys, monkeypatch):
@@ -138,23 +148,46 @@ def test_a_torchrun_job_without_its_rendezvous(tmp_path, tiny_corpus, capsys, mo
     one_line_error(capsys, status, 2, "cannot join the torchrun job", "torchrun")
 
 
+HOLD_THE_LOCK = """
+import fcntl, sys, time
+from pathlib import Path
+lock = Path(sys.argv[1]).open("a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+lock.write("4242")
+lock.flush()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
 def test_a_folder_another_run_is_using_is_refused(tmp_path, tiny_corpus, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    (out_dir / ".lock").write_text(str(os.getppid()))  # a live process holds it
-    status = train_model.main(tiny_train_argv(out_dir, tiny_corpus))
-    one_line_error(capsys, status, 2, "another training run", str(os.getppid()))
-    assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]
-
-
-def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, tiny_corpus):
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (out_dir / ".lock").write_text(str(dead.pid))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(out_dir / ".lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        status = train_model.main(tiny_train_argv(out_dir, tiny_corpus))
+        one_line_error(capsys, status, 2, "another training run (process 4242)")
+        assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder gone (killed: no clean-up ran), the folder is free again.
     assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=2)) == 0
-    assert not (out_dir / ".lock").exists()
+
+
+def test_a_hangup_is_left_alone_under_nohup():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopRequest():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_resume_on_another_corpus_is_refused(trained, tmp_path, capsys):

@@ -23,13 +23,14 @@ from checkpoint import (
     save_checkpoint,
     saved_model_config,
     saved_settings,
+    saved_tokenizer,
 )
 from common import UserFacingError
 from conftest import SMALL_TEXT
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import make_optimizer
-from tokenization import CharTokenizer
+from tokenization import BPETokenizer, CharTokenizer
 
 CPU = torch.device("cpu")
 
@@ -223,6 +224,14 @@ def test_older_training_settings_are_migrated_in_one_place():
     settings = saved_settings(checkpoint)
     assert settings.train.optimizer == "adamw"
     assert settings.train.min_lr_fraction == pytest.approx(0.25)
+
+
+def test_bpe_checkpoints_from_before_fitted_vocabularies_load_with_all_of_gpt2():
+    checkpoint = Parts().checkpoint()
+    checkpoint["tokenizer"] = BPETokenizer().to_dict()  # GPT-2, with no "gpt2_ids"
+    del checkpoint["data_config"]["bpe_vocabulary"]  # what an older checkpoint holds
+    assert saved_settings(checkpoint).data.bpe_vocabulary == "full"
+    assert saved_tokenizer(checkpoint).vocab_size == 50257
 
 
 OPTIONS = [{"position": "rope"}, {"position": "learned"}]

@@ -23,10 +23,12 @@ from data_handling import (
     download_corpus,
     encode_corpus,
     get_batch,
+    load_splits,
     read_corpus,
     resolve_corpus,
     split_tokens,
 )
+from hyperparameters import DataConfig
 from tokenization import BPETokenizer, CharTokenizer, stream_decode, tokenizer_from_dict
 
 
@@ -157,6 +159,56 @@ def test_tokenizer_rebuilds_from_its_description(kind, bpe):
     assert rebuilt.encode("to be") == original.encode("to be")
 
 
+def fitted_splits_of(text, tmp_path, bpe_vocabulary="fitted"):
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    config = DataConfig(data=str(path), tokenizer="bpe", bpe_vocabulary=bpe_vocabulary)
+    return load_splits(config, block_size=8, tokenizer=None)
+
+
+def test_fitted_vocabulary_keeps_gpt2_ids_of_the_training_split(bpe, tmp_path):
+    train_text = "To be, or not to be, that is the question.\n" * 30
+    val_text = "Zebras quaff jumbo vexing pizzazz.\n" * 4  # words only the validation text has
+    splits = fitted_splits_of(train_text + val_text, tmp_path)
+    fitted = splits.tokenizer
+    gpt2_all = np.array(bpe.encode(train_text + val_text))
+    n_train = len(splits.tokens["train"])
+    # The training split's ids are GPT-2's own, renumbered one to one.
+    train_gpt2 = fitted.gpt2_ids[splits.tokens["train"].numpy()]
+    assert np.array_equal(train_gpt2, gpt2_all[:n_train])
+    assert set(fitted.gpt2_ids.tolist()) == set(gpt2_all[:n_train].tolist()) | set(bpe.byte_ids)
+    # Nothing of the validation text shaped the vocabulary: its words are spelled in bytes.
+    assert not set(bpe.encode(" Zebras")) <= set(fitted.gpt2_ids.tolist())
+    assert len(splits.tokens["val"]) > len(gpt2_all) - n_train
+    assert fitted.decode(splits.tokens["val"].tolist()) == bpe.decode(gpt2_all[n_train:].tolist())
+
+
+def test_fitted_vocabulary_round_trips_any_text(tmp_path):
+    fitted = fitted_splits_of("plain words only\n" * 50, tmp_path).tokenizer
+    assert fitted.decode(fitted.encode(HARD_TEXT)) == HARD_TEXT
+    assert fitted.vocab_size < 300
+    assert max(fitted.encode(HARD_TEXT)) < fitted.vocab_size
+
+
+def test_fitted_vocabulary_rebuilds_from_its_checkpoint_description(tmp_path):
+    splits = fitted_splits_of("the same corpus, twice read\n" * 40, tmp_path)
+    rebuilt = tokenizer_from_dict(splits.tokenizer.to_dict())
+    assert np.array_equal(rebuilt.gpt2_ids, splits.tokenizer.gpt2_ids)
+    again = load_splits(
+        DataConfig(data=str(tmp_path / "corpus.txt"), tokenizer="bpe"), 8, tokenizer=rebuilt
+    )
+    assert torch.equal(again.tokens["val"], splits.tokens["val"])
+    description = splits.tokenizer.to_dict()
+    with pytest.raises(UserFacingError, match="byte tokens"):
+        tokenizer_from_dict({**description, "gpt2_ids": [11, 12]})
+
+
+def test_full_vocabulary_stays_a_setting(tmp_path, bpe):
+    splits = fitted_splits_of("to be or not to be\n" * 40, tmp_path, bpe_vocabulary="full")
+    assert splits.tokenizer.vocab_size == 50257
+    assert "gpt2_ids" not in splits.tokenizer.to_dict()
+
+
 def test_unknown_tokenizer_description_is_refused():
     with pytest.raises(UserFacingError, match="unknown tokenizer"):
         tokenizer_from_dict({"kind": "words"})
@@ -213,14 +265,13 @@ def test_cache_with_ids_outside_the_vocabulary_is_rebuilt(tmp_path, capsys):
     tokenizer = CharTokenizer.from_text(text)
     expected = encode_corpus(text, tokenizer, tmp_path)
     (cache_file,) = tmp_path.glob("tokens-*.npz")
-    smaller = CharTokenizer(tokenizer.chars[:-1])  # same key scheme, one id fewer
-    cache_file.rename(
-        cache_file.with_name(cache_file.name.replace(tokenizer.cache_key(), smaller.cache_key()))
-    )
-    with pytest.raises(UserFacingError, match="not in the vocabulary"):
-        encode_corpus(text, smaller, tmp_path)  # rebuilt (not trusted), then refused honestly
-    assert "rebuilding" in capsys.readouterr().out
+    # A well-formed cache, with the right name, digests and checksum, but an id out of range.
+    forged = expected.copy()
+    forged[3] = tokenizer.vocab_size + 5
+    meta = {"corpus_sha256": sha256_hex(text.encode("utf-8")), "tokenizer": tokenizer.cache_key()}
+    data_handling._write_token_cache(cache_file, forged, meta)
     assert np.array_equal(encode_corpus(text, tokenizer, tmp_path), expected)
+    assert "rebuilding" in capsys.readouterr().out
 
 
 def test_old_caches_are_removed_beyond_the_newest_few(tmp_path):
@@ -246,7 +297,7 @@ HARD_TEXT = (
 
 @pytest.mark.parametrize("piece", [7, 100, 1000])
 def test_bpe_pieces_agree_on_hard_text(bpe, monkeypatch, piece):
-    text = ("word\n" + HARD_TEXT) * 3
+    text = ("word\n" + HARD_TEXT + "CRLF lines;\r\nend, with: punctuation.\r\n") * 3
     monkeypatch.setattr(tokenization, "ENCODE_CHUNK_CHARS", piece)
     assert np.array_equal(bpe.encode_array(text), np.array(bpe.encode(text), dtype=np.uint16))
     assert bpe.decode(bpe.encode_array(text).tolist()) == text

@@ -160,12 +160,19 @@ def test_generation_from_an_explicit_checkpoint_with_several_samples(trained):
     assert result.stdout.count("-" * 40) == 1
 
 
-def test_bpe_model_trains_and_generates(tmp_path):
-    (tmp_path / "text.txt").write_text(SMALL_TEXT, encoding="utf-8")
+@pytest.mark.parametrize("vocabulary", ["fitted", "full"])
+def test_bpe_model_trains_resumes_and_generates(tmp_path, vocabulary):
+    (tmp_path / "text.txt").write_text(SMALL_TEXT * 2, encoding="utf-8")
     args = [*TINY_MODEL, "--block_size=16", "--tokenizer=bpe", "--data=text.txt"]
+    args.append(f"--bpe_vocabulary={vocabulary}")
     trained = run_script(TRAIN, *args, "--max_iters=4", "--eval_interval=2", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    assert "50,257 tokens" in trained.stdout
+    expected = "fitted to the training text (" if vocabulary == "fitted" else "(50,257 tokens)"
+    assert expected in trained.stdout
+    resumed = run_script(TRAIN, "--data=text.txt", "--resume", "--max_iters=6", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 4" in resumed.stdout
+    # "café" is not in the training text: a fitted vocabulary spells it with byte tokens.
     result = run_script(GENERATE, "--prompt=Speak, café", "--max_new_tokens=10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Speak, café")

@@ -94,15 +94,23 @@ def test_resumed_run_appends_to_its_log_without_repeating_steps(tmp_path, tiny_c
 
 def test_no_run_folder_is_chosen_twice_and_latest_names_the_newest(tmp_path):
     first = new_run_folder(tmp_path)
-    first.path.mkdir()
-    second = new_run_folder(tmp_path)
+    second = new_run_folder(tmp_path)  # the same second: the name is taken, a suffix follows
     assert second != first
+    assert first.path.is_dir()
+    assert second.path.is_dir()
     assert second.path.parent == tmp_path
-    assert latest_run(tmp_path) == RunFolder(tmp_path)  # nothing marked yet
-    mark_latest(second, tmp_path)
-    assert latest_run(tmp_path) == second
+    assert latest_run(tmp_path) == RunFolder(tmp_path)  # nothing marked, no run logged yet
+    mark_latest(first, tmp_path)
+    assert latest_run(tmp_path) == first
     (tmp_path / LATEST).write_text("../../etc\n")  # a name that leaves the folder is ignored
     assert latest_run(tmp_path) == RunFolder(tmp_path)
+
+
+def test_latest_falls_back_to_the_newest_run_when_its_folder_is_gone(tmp_path, tiny_corpus):
+    for name in ("run-20260101-000000", "run-20260102-000000"):
+        assert train_model.main(tiny_train_argv(tmp_path / name, tiny_corpus, max_iters=2)) == 0
+    (tmp_path / LATEST).write_text("run-20990101-000000\n")  # deleted since
+    assert latest_run(tmp_path) == RunFolder(tmp_path / "run-20260102-000000")
 
 
 def two_runs(tmp_path, tiny_corpus):
