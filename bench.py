@@ -186,28 +186,40 @@ def full_validation_loss(
 ) -> dict[str, float]:
     """A checkpoint's loss on the whole validation split, not a sample of batches.
 
-    The split is cut into consecutive, non-overlapping windows of block_size tokens, and every
-    token of every window is scored (so early positions see less context, as in training).
+    Every token of the split but the first (which has nothing before it in the split) is
+    scored once: the split is read in consecutive windows of block_size tokens (the last one
+    shorter), and a token sees the tokens before it in its window, 0 to block_size - 1 of them,
+    as in training. The loss per character divides by the characters of the scored tokens.
     """
     checkpoint = load_checkpoint(checkpoint_path)
     model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"), precision)
     block = model.config.block_size
     val = load_splits(saved_settings(checkpoint).data, block, tokenizer).tokens["val"].long()
-    n_windows = (len(val) - 1) // block
-    inputs = val[: n_windows * block].view(n_windows, block)
-    targets = val[1 : n_windows * block + 1].view(n_windows, block)
-    total = 0.0
-    for start in range(0, n_windows, batch_size):
-        _, loss = model(inputs[start : start + batch_size], targets[start : start + batch_size])
-        total += loss.float().item() * len(inputs[start : start + batch_size])
-    nats_per_token = total / n_windows
-    tokens_per_char = n_windows * block / len(tokenizer.decode(targets.flatten().tolist()))
-    bits = bits_per_char(nats_per_token, tokens_per_char)
+    inputs, targets = val[:-1], val[1:]
+    n_full = len(inputs) // block
+    total = 0.0  # summed nats over every scored token
+    full_inputs, full_targets = (
+        inputs[: n_full * block].view(n_full, block),
+        targets[: n_full * block].view(n_full, block),
+    )
+    for start in range(0, n_full, batch_size):
+        _, loss = model(
+            full_inputs[start : start + batch_size], full_targets[start : start + batch_size]
+        )
+        total += loss.float().item() * full_inputs[start : start + batch_size].numel()
+    if len(inputs) > n_full * block:  # the tail that does not fill a window
+        _, loss = model(
+            inputs[n_full * block :].unsqueeze(0), targets[n_full * block :].unsqueeze(0)
+        )
+        total += loss.float().item() * (len(inputs) - n_full * block)
+    nats_per_token = total / len(targets)
+    bits = bits_per_char(nats_per_token, len(targets) / tokenizer.count_chars(targets))
     return {
         "val_nats_per_token": nats_per_token,
         "val_nats_per_char": nats_per_char(bits),
         "val_bits_per_char": bits,
-        "tokens_scored": n_windows * block,
+        "tokens_scored": len(targets),
+        "tokens_in_split": len(val),
     }
 
 

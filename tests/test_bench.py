@@ -10,6 +10,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import bench
 from hyperparameters import ModelConfig, TrainConfig
@@ -61,3 +62,31 @@ def test_nanogpt_shapes_train_the_way_nanogpt_does():
         if not name.startswith("defaults"):
             assert train_config.optimizer == "adamw", name
             assert model_config.position == "learned", name
+
+
+def test_full_validation_scores_every_token_of_the_split(tmp_path, tiny_corpus):
+    import torch.nn.functional as F
+
+    import train_model
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from conftest import tiny_train_argv
+    from data_handling import load_splits
+    from hyperparameters import DataConfig
+
+    out_dir = tmp_path / "out"
+    assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=5)) == 0
+    figures = bench.full_validation_loss(out_dir / "ckpt_best.pth")
+    model, tokenizer = model_from_checkpoint(
+        load_checkpoint(out_dir / "ckpt_best.pth"), torch.device("cpu")
+    )
+    config = DataConfig(data=str(tiny_corpus), cache_dir=str(tmp_path / "cache"))
+    val = load_splits(config, 16, tokenizer).tokens["val"].long()
+    assert figures["tokens_scored"] == len(val) - 1  # all but the first, which has no past
+    # The same sum, one window of 16 at a time, the last one shorter.
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(val) - 1, 16):
+            window = val[start : start + 17]
+            logits, _ = model(window[:-1].unsqueeze(0))
+            total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+    assert figures["val_nats_per_token"] == pytest.approx(total / (len(val) - 1), rel=1e-5)
