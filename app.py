@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import socket
 import sys
 from typing import Any
 
@@ -154,6 +155,20 @@ def port_number(text: str) -> int:
     return port
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, in one line, an address this computer cannot serve on, before Gradio tries.
+
+    (Gradio would report an unknown host as "cannot find empty port".)
+    """
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as err:
+        raise UserFacingError(f"cannot serve on {host}:{port} ({err.strerror or err})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the web demo; returns the exit status when the server stops."""
     parser = build_parser(
@@ -178,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         parser, [SampleConfig, TrainConfig], argv
     )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    try:
+        check_address(options["host"], options["port"])
+    except UserFacingError as err:
+        print_error(PROG, err)
+        return 2
     path = checkpoint_to_sample(sample_config.ckpt, train_config.out_dir)
     loaded, problem = None, ""
     try:

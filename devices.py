@@ -277,10 +277,12 @@ class StopRequest:
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
+        signals = [signal.SIGINT, signal.SIGTERM]
         hangup = getattr(signal, "SIGHUP", None)  # not on Windows
-        for sig in (signal.SIGINT, signal.SIGTERM, *([hangup] if hangup else [])):
-            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup asks to ignore SIGHUP
-                self.previous[sig] = signal.signal(sig, self._handle)
+        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+            signals.append(hangup)  # under nohup, SIGHUP stays ignored, as nohup asks
+        for sig in signals:
+            self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:

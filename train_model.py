@@ -62,21 +62,20 @@ from hyperparameters import (
     parse_configs,
     settings_for_resume,
 )
-from model_architecture import GPT, generate
+from model_architecture import GPT
 from optimization import Optimizer, learning_rate_at, make_optimizer
 from run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
-from tokenization import Tokenizer
 from training_log import (
     Progress,
     TensorBoardLog,
     evaluation_row,
+    model_sample,
     plot_losses,
     read_history,
     write_history,
 )
 
 PROG = "train_model.py"
-SAMPLE_TOKENS = 200  # the length of the sample logged at each evaluation
 
 
 class TrainingDiverged(Exception):
@@ -176,18 +175,6 @@ def estimate_loss(run: Run) -> dict[str, float]:
         losses[name] = total / config.eval_iters
     run.compiled.train()
     return losses
-
-
-@torch.no_grad()
-def evaluation_sample(run: Run, tokenizer: Tokenizer) -> str:
-    """A short text from the model as it is now: the same prompt and seed at every evaluation."""
-    prompt = run.splits["val"][:1].tolist()  # the validation text's first token
-    generator = torch.Generator(device=run.device).manual_seed(run.config.seed)
-    run.model.eval()
-    new_ids = generate(run.model, prompt, SAMPLE_TOKENS, temperature=0.8, generator=generator)
-    text = tokenizer.decode([*prompt, *new_ids])
-    run.model.train()
-    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +323,9 @@ def evaluate_and_save(
     save(run, state, description, folder.last_checkpoint)
     if progress.board is not None:
         best_bpc = min(r["val_bpc"] for r in state.history)
-        progress.board.log_evaluation(row, best_bpc, evaluation_sample(run, description.tokenizer))
+        prompt = run.splits["val"][:1].tolist()  # the validation text's first token
+        sample = model_sample(run.model, description.tokenizer, prompt, run.config.seed)
+        progress.board.log_evaluation(row, best_bpc, sample)
 
 
 def save_and_stop(

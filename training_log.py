@@ -16,9 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from common import figure_png, write_atomically
+from model_architecture import GPT, generate
+from tokenization import Tokenizer
+
+SAMPLE_TOKENS = 200  # the length of the sample logged at each evaluation
 
 
 def bits_per_char(loss: float, tokens_per_char: float) -> float:
@@ -144,6 +149,21 @@ def runs_figure(histories: dict[str, list[dict[str, Any]]]) -> Any:
     by_time.legend(fontsize=8)
     fig.suptitle("Runs side by side")
     return fig
+
+
+@torch.no_grad()
+def model_sample(model: GPT, tokenizer: Tokenizer, prompt: list[int], seed: int) -> str:
+    """A short text from the model as it is now, for the log.
+
+    The same prompt and seed each time, so that the evaluations' samples compare.
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=model.token_embedding.weight.device).manual_seed(seed)
+    new_ids = generate(model, prompt, SAMPLE_TOKENS, temperature=0.8, generator=generator)
+    text = tokenizer.decode([*prompt, *new_ids])
+    model.train(was_training)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -353,6 +354,20 @@ def test_a_vanishing_top_p_still_samples(trained, capsys):
 @pytest.mark.parametrize("port", ["-1", "99999", "http"])
 def test_bad_port_is_one_line(capsys, port):
     one_line_error(capsys, run_main(app.main, [f"--port={port}"]), 2, "1..65535")
+
+
+def test_an_address_that_is_not_this_computers_is_one_line(capsys):
+    status = run_main(app.main, ["--host=256.1.1.1", "--port=7861"])
+    one_line_error(capsys, status, 2, "cannot serve on 256.1.1.1:7861")
+
+
+def test_a_port_in_use_is_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status = run_main(app.main, [f"--port={port}"])
+    one_line_error(capsys, status, 2, f"cannot serve on 127.0.0.1:{port}", "in use")
 
 
 def test_damaged_metrics_lines_are_skipped(trained, tmp_path, capsys):
