@@ -11,6 +11,7 @@ demo and --resume use when they are not told which run to take. A run folder hol
     loss.png         the loss curves
     config.json      the run's settings, for people to read
     events.out.tfevents.*   TensorBoard's log: `tensorboard --logdir out` compares the runs
+    .lock            held by the training process while it runs (see RunFolder.lock)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ except ImportError:  # Windows
     fcntl = None
 
 RUNS_ROOT = Path("out")  # where runs go when no --out_dir is given
-LATEST = "latest.txt"  # in RUNS_ROOT: the name of the run started last there
+LATEST = "latest.txt"  # in RUNS_ROOT: the name of the run started or resumed last there
 
 
 @dataclasses.dataclass(frozen=True)
