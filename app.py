@@ -11,6 +11,13 @@ attention weights of every layer and head for a short prompt, from the hand-writ
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while the libraries below still load: the default action ends the program at once,
+# without a traceback (Python's KeyboardInterrupt comes back before main runs).
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import functools
 import os
@@ -226,4 +233,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C as usual again
     raise SystemExit(main())

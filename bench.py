@@ -25,6 +25,13 @@ No figure here is asserted anywhere: this is a measuring tool, not a test.
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while the libraries below still load: the default action ends the program at once,
+# without a traceback (Python's KeyboardInterrupt comes back before main runs).
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import contextlib
 import dataclasses
@@ -386,4 +393,5 @@ def measure(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C as usual again
     raise SystemExit(main())

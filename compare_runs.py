@@ -12,6 +12,13 @@ every run's validation curve, by step and by time, into one PNG.
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while the libraries below still load: the default action ends the program at once,
+# without a traceback (Python's KeyboardInterrupt comes back before main runs).
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 from pathlib import Path
 from typing import Any
@@ -104,4 +111,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C as usual again
     raise SystemExit(main())

@@ -11,6 +11,13 @@ checkpoint, prompt, settings and seed always give the same text.
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while the libraries below still load: the default action ends the program at once,
+# without a traceback (Python's KeyboardInterrupt comes back before main runs).
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import os
 import sys
 from pathlib import Path
@@ -133,4 +140,5 @@ def discard_output() -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C as usual again
     raise SystemExit(main())

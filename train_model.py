@@ -12,6 +12,13 @@ evaluation), loss.png, config.json and a TensorBoard log (`tensorboard --logdir 
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while the libraries below still load: the default action ends the program at once,
+# without a traceback (Python's KeyboardInterrupt comes back before main runs).
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import contextlib
 import dataclasses
 import math
@@ -436,4 +443,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C as usual again
     raise SystemExit(main())

@@ -478,3 +478,15 @@ def test_a_hangup_saves_like_ctrl_c(tmp_path, tiny_corpus):
     assert "Continue with: python train_model.py --resume" in err
     stopped_at = int(err.split("stopped at step ")[1].split(";")[0])
     assert load_checkpoint(out_dir / "ckpt_last.pth")["step"] == stopped_at
+
+
+@pytest.mark.parametrize("script", [TRAIN, GENERATE])
+def test_ctrl_c_while_the_libraries_load_is_no_traceback(tmp_path, script):
+    process = subprocess.Popen(
+        [sys.executable, script, "--help"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.3)  # torch takes a second or more to import: this lands during the imports
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGINT  # ended by the signal, as Ctrl-C should
+    assert "Traceback" not in err
