@@ -23,7 +23,7 @@ from hyperparameters import MAX_SEED, MIN_TEMPERATURE
 from model_architecture import GPT, attention_maps, generate
 from run_folder import RunFolder, runs_under
 from tokenization import CharTokenizer, Tokenizer, stream_decode
-from training_log import bits_per_char, loss_figure, read_history, runs_figure
+from training_log import bits_per_char, loss_figure, nats_per_char, read_history, runs_figure
 
 MAX_PROMPT_CHARS = 2000  # longer prompts keep their end: the model sees block_size at most
 MAX_NEW_TOKENS = 2000
@@ -71,10 +71,13 @@ def facts_markdown(loaded: LoadedModel) -> str:
         f"**Trained** {facts['steps']:,} steps",
     ]
     if math.isfinite(facts["best_val_loss"]):
-        loss = f"**Best validation loss**: {facts['best_val_loss']:.4f} nats per token"
-        if facts["best_val_bpc"] is not None:
-            loss += f" ({facts['best_val_bpc']:.3f} bits per character)"
-        lines.append(loss)
+        per_token = f"{facts['best_val_loss']:.4f} nats per token"
+        bpc = facts["best_val_bpc"]
+        if bpc is not None:
+            loss = f"{nats_per_char(bpc):.4f} nats per character ({bpc:.3f} bits; {per_token})"
+        else:
+            loss = per_token
+        lines.append(f"**Best validation loss**: {loss}")
     return "  \n".join(lines)
 
 

@@ -14,11 +14,13 @@ is its own):
   train     tokens/s, ms per step, achieved GFLOP/s and its share of the roof (MFU), peak RSS
             for nanoGPT's CPU "baby" shape (4 x 128, block 64, batch 12) with characters, with
             GPT-2 BPE and with Tiny Shakespeare's fitted GPT-2 vocabulary, the classic 6 x 384
-            (block 256, batch 64), all with AdamW as nanoGPT trains them, and the current
-            defaults (with their optimizer, and with AdamW)
-  generate  new tokens/s for 1,000 and 2,000 tokens from a 6 x 384 character model with block
-            256: with the key/value cache (float32 and bfloat16 weights) and with full
-            recomputation; time to the first token
+            (block 256, batch 64), all with AdamW as nanoGPT trains them; the current
+            defaults (with their optimizer, and with AdamW); the BPE defaults with the fitted
+            and the full vocabulary; GPT-2 124M fine-tuning (--init_from's defaults) with both
+  generate  new tokens/s from a 6 x 384 character model with block 256 for 1,000 and 2,000
+            tokens: with the key/value cache (float32 and bfloat16 weights) and with full
+            recomputation; and 500 cached float32 tokens from the BPE defaults' model and from
+            GPT-2 124M, each with both vocabularies; time to the first token
   quality   wall time at which a run's validation loss first reached 2.0 ... 1.4 nats/char
 No figure here is asserted anywhere: this is a measuring tool, not a test.
 """
@@ -50,7 +52,7 @@ import torch
 from checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
 from common import UserFacingError, print_error
 from data_handling import load_splits
-from hyperparameters import ModelConfig, TrainConfig
+from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS, ModelConfig, TrainConfig
 from model_architecture import GPT, generate
 from optimization import make_optimizer
 from run_folder import RunFolder, latest_run
@@ -85,7 +87,44 @@ TRAIN_SHAPES = {
     "defaults": (ModelConfig(vocab_size=CHARS), TrainConfig()),
     "defaults with AdamW": (ModelConfig(vocab_size=CHARS), TrainConfig(optimizer="adamw")),
 }
-GENERATE_MODEL = SIX_BY_384
+
+
+def with_defaults(config_class: type, table: dict[str, Any], **changes: Any) -> Any:
+    """config_class's defaults, changed by a table of hyperparameters.py and by changes."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{**{k: v for k, v in table.items() if k in names}, **changes})
+
+
+# The BPE defaults (hyperparameters.BPE_DEFAULTS), with the fitted and the full vocabulary.
+for _vocabulary, _size in (("fitted", FITTED_GPT2_TOKENS), ("full", GPT2_TOKENS)):
+    TRAIN_SHAPES[f"BPE defaults, {_vocabulary}"] = (
+        with_defaults(ModelConfig, BPE_DEFAULTS, vocab_size=_size),
+        with_defaults(TrainConfig, BPE_DEFAULTS),
+    )
+# GPT-2 124M's shape as --init_from=gpt2 fine-tunes it (its defaults; block 256 of its 1,024
+# positions), with both vocabularies. Random weights: the speed does not depend on them.
+GPT2_124M = ModelConfig(
+    n_layer=12, n_head=12, n_embd=768, position="learned", activation="gelu_tanh"
+)
+for _vocabulary, _size in (("fitted", FITTED_GPT2_TOKENS), ("full", GPT2_TOKENS)):
+    TRAIN_SHAPES[f"GPT-2 124M fine-tuning, {_vocabulary}"] = (
+        with_defaults(
+            ModelConfig,
+            FINE_TUNING_DEFAULTS,
+            **{**dataclasses.asdict(GPT2_124M), "vocab_size": _size},
+        ),
+        with_defaults(TrainConfig, FINE_TUNING_DEFAULTS),
+    )
+# Generation: the 6 x 384 character model at 1,000 and 2,000 tokens in every mode, and the
+# BPE and GPT-2 models at GENERATE_OTHERS_TOKENS, cached, float32.
+GENERATE_MODELS = {
+    "6x384 chars": SIX_BY_384,
+    "BPE defaults, fitted": TRAIN_SHAPES["BPE defaults, fitted"][0],
+    "BPE defaults, full": TRAIN_SHAPES["BPE defaults, full"][0],
+    "GPT-2 124M, fitted": TRAIN_SHAPES["GPT-2 124M fine-tuning, fitted"][0],
+    "GPT-2 124M, full": TRAIN_SHAPES["GPT-2 124M fine-tuning, full"][0],
+}
+GENERATE_OTHERS_TOKENS = 500
 QUALITY_TARGETS = (2.0, 1.8, 1.7, 1.6, 1.5, 1.45, 1.4)  # validation nats per character
 
 
@@ -117,7 +156,6 @@ def flops_per_token(model: GPT) -> float:
 def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str, Any]:
     """Time real training steps (train_model.train_step) of one shape on random tokens."""
     model_config, train_config = TRAIN_SHAPES[name]
-    model_config = dataclasses.replace(model_config, dropout=0.0)
     train_config = dataclasses.replace(train_config, warmup_iters=0, max_iters=steps + 2)
     torch.manual_seed(0)
     model = GPT(model_config)
@@ -151,11 +189,12 @@ def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str,
     }
 
 
-def generate_speed(new_tokens: int, use_cache: bool, precision: str) -> dict[str, Any]:
-    """Generate from a random-weight 6 x 384 model (speed does not depend on the weights)."""
+def generate_speed(name: str, new_tokens: int, use_cache: bool, precision: str) -> dict[str, Any]:
+    """Generate from a random-weight model (speed does not depend on the weights)."""
     torch.manual_seed(0)
-    model = GPT(GENERATE_MODEL).eval().to(getattr(torch, precision))
-    prompt = torch.randint(0, 65, (16,)).tolist()
+    config = GENERATE_MODELS[name]
+    model = GPT(config).eval().to(getattr(torch, precision))
+    prompt = torch.randint(0, config.vocab_size, (16,)).tolist()
     generator = torch.Generator().manual_seed(0)
     list(generate(model, prompt, 8, generator=generator, use_cache=use_cache))  # warm up
     start = time.perf_counter()
@@ -248,7 +287,7 @@ def case_main(case: list[str]) -> dict[str, Any]:
         return matmul_roof()
     if kind == "train":
         return train_speed(args[0], steps=int(args[1]), compile_model=args[2] == "compile")
-    return generate_speed(int(args[0]), use_cache=args[1] == "cache", precision=args[2])
+    return generate_speed(args[0], int(args[1]), use_cache=args[2] == "cache", precision=args[3])
 
 
 def print_report(results: dict[str, Any]) -> None:
@@ -343,19 +382,28 @@ def measure_training(args: argparse.Namespace) -> dict[str, Any]:
     mode = "compile" if args.compile else "eager"
     figures = {}
     for name in args.shapes:
-        steps = 3 if name.startswith("6x384") else args.train_steps  # 6x384: ~10 s a step
+        big = name.startswith(("6x384", "GPT-2 124M"))  # 6x384: ~10 s a step
+        steps = 3 if big else args.train_steps
         figures[name] = run_case(["train", name, str(steps), mode], args.threads)
     return figures
 
 
 def measure_generation(threads: int) -> dict[str, Any]:
-    """Generation figures for 1,000 and 2,000 tokens, cached and not, each in its own process."""
+    """Generation figures (see GENERATE_MODELS), each case in its own process."""
     cases = [("cache", "float32"), ("cache", "bfloat16"), ("recompute", "float32")]
-    return {
-        f"{n} tokens, {mode}, {precision}": run_case(["generate", str(n), mode, precision], threads)
+    figures = {
+        f"6x384 chars, {n} tokens, {mode}, {precision}": run_case(
+            ["generate", "6x384 chars", str(n), mode, precision], threads
+        )
         for n in (1000, 2000)
         for mode, precision in cases
     }
+    for name in list(GENERATE_MODELS)[1:]:
+        case = ["generate", name, str(GENERATE_OTHERS_TOKENS), "cache", "float32"]
+        figures[f"{name}, {GENERATE_OTHERS_TOKENS} tokens, cache, float32"] = run_case(
+            case, threads
+        )
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,7 +199,9 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        # GELU(x) = x * P(X <= x) for X ~ N(0, 1). GPT-2 was trained with a tanh formula that
+        # approximates it; loading its weights needs that formula to reproduce its outputs.
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

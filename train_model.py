@@ -60,6 +60,7 @@ from devices import (
     wait_for_all,
     wrap_model,
 )
+from hugging_face import load_gpt2_weights, pretrained_gpt2, read_weights
 from hyperparameters import (
     DataConfig,
     ModelConfig,
@@ -77,6 +78,7 @@ from training_log import (
     TensorBoardLog,
     evaluation_row,
     model_sample,
+    nats_per_char,
     plot_losses,
     read_history,
     write_history,
@@ -250,9 +252,12 @@ def build_run(
     distributed, device, dtype = setup_compute(settings.train)
     torch.manual_seed(settings.train.seed)  # the same initial weights in every process
     corpus = load_data(settings.data, settings.model.block_size, checkpoint)
-    vocab_size = corpus.tokenizer.vocab_size
+    pretrained = None
+    if checkpoint is None and settings.train.init_from:
+        pretrained = pretrained_gpt2(settings.train.init_from, settings.model, corpus.tokenizer)
+    model_config = pretrained.config if pretrained is not None else settings.model
     settings = dataclasses.replace(
-        settings, model=dataclasses.replace(settings.model, vocab_size=vocab_size)
+        settings, model=dataclasses.replace(model_config, vocab_size=corpus.tokenizer.vocab_size)
     )
     require_memory(
         training_memory(settings.model, settings.train.batch_size),
@@ -262,6 +267,11 @@ def build_run(
     )
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint, device)[0].train()
+    elif pretrained is not None:
+        model = GPT(settings.model)
+        load_gpt2_weights(model, read_weights(pretrained.weights), corpus.tokenizer)
+        model = model.to(device)
+        print(f"model: GPT-2's weights from {pretrained.weights}")
     else:
         model = GPT(settings.model).to(device)
     print(f"model: {model.num_parameters():,} parameters")
@@ -319,8 +329,9 @@ def evaluate_and_save(
     row = evaluation_row(state.step, losses, description.tokens_per_char, lr, state.elapsed_s)
     state.history.append(row)
     tqdm.write(
-        f"step {state.step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f} "
-        f"({row['val_bpc']:.3f} bits/char)"
+        f"step {state.step}: validation {nats_per_char(row['val_bpc']):.4f} nats/char "
+        f"({row['val_bpc']:.3f} bits/char); per token: train {row['train_loss']:.4f}, "
+        f"val {row['val_loss']:.4f}"
     )
     write_history(state.history, folder.metrics)
     plot_losses(state.history, folder.loss_plot)
@@ -388,7 +399,8 @@ def train(run: Run, state: TrainingState, description: RunDescription, folder: R
         best = min(state.history, key=lambda row: row["val_loss"])
         print(
             f"done in {state.history[-1]['elapsed_s']:.0f} s: best validation loss "
-            f"{best['val_loss']:.4f} ({best['val_bpc']:.3f} bits/char) at step {best['step']}; "
+            f"{nats_per_char(best['val_bpc']):.4f} nats/char ({best['val_bpc']:.3f} bits/char, "
+            f"{best['val_loss']:.4f} nats/token) at step {best['step']}; "
             f"checkpoints in {folder.path}/. Sample with: python generate_text.py "
             f"--out_dir={folder.path}"
         )

@@ -114,14 +114,18 @@ def _pyplot() -> Any:
 
 
 def loss_figure(history: list[dict[str, Any]]) -> Any:
-    """A matplotlib figure of train and validation loss against step."""
+    """A matplotlib figure of train and validation loss (nats per character) against step.
+
+    Per character, not per token: a character model's and a BPE model's curves compare.
+    """
     plt = _pyplot()
     steps = [row["step"] for row in history]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, [row["train_loss"] for row in history], label="train", color="#1f77b4")
-    ax.plot(steps, [row["val_loss"] for row in history], label="validation", color="#d62728")
+    for split, label, color in (("train", "train", "#1f77b4"), ("val", "validation", "#d62728")):
+        per_char = [nats_per_char(row[f"{split}_bpc"]) for row in history]
+        ax.plot(steps, per_char, label=label, color=color)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel("loss (nats per character)")
     ax.set_title("How the model learned")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -72,7 +72,8 @@ def test_facts_describe_the_model(loaded):
     assert "2 layers x 2 heads x 32 wide" in text
     assert "characters (" in text
     assert "Trained** 30 steps" in text
-    assert "bits per character" in text
+    assert "nats per character (" in text
+    assert " bits; " in text
 
 
 def test_prompt_preparation_never_fails():

@@ -1,0 +1,108 @@
+"""Write a trained model as a Hugging Face folder, for transformers and the tools around it.
+
+    python export_model.py                              # the latest run -> <run folder>/hf
+    python export_model.py --out_dir out/run-20261123-101500 --to shakespeare_gpt
+    python export_model.py --ckpt my_model.pth --to my_model --overwrite
+
+The folder holds config.json and model.safetensors, which transformers loads as
+GPT2LMHeadModel (a model with learned positions) or GPTNeoXForCausalLM (rotary positions):
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("shakespeare_gpt")
+    tokenizer = AutoTokenizer.from_pretrained("shakespeare_gpt")
+
+Character and full GPT-2 vocabularies come with tokenizer.json, which encodes text exactly as
+this project does. A fitted GPT-2 vocabulary has no tokenizer of that kind; its folder holds
+gpt2_ids.json instead, the GPT-2 id of each of the model's ids.
+"""
+
+from __future__ import annotations
+
+import signal
+
+# Ctrl-C while the libraries below still load: the default action ends the program at once,
+# without a traceback (Python's KeyboardInterrupt comes back before main runs).
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import UserFacingError, print_error
+from hugging_face import write_hf_folder
+from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_bool, parse_configs
+from run_folder import RunFolder, checkpoint_to_sample
+
+PROG = "export_model.py"
+EXPORT_FOLDER = "hf"  # inside the run's folder, unless --to says otherwise
+
+
+def destination(given: str, checkpoint: Path, overwrite: bool) -> Path:
+    """--to, or the checkpoint's run folder's hf/; refused if it holds files and not overwrite."""
+    folder = Path(given) if given else RunFolder.of_checkpoint(checkpoint).path / EXPORT_FOLDER
+    if folder.exists() and not folder.is_dir():
+        raise UserFacingError(f"{folder} is a file; give --to a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise UserFacingError(f"{folder} is not empty; give another --to, or --overwrite")
+    return folder
+
+
+def export(checkpoint_path: Path, folder: Path) -> str:
+    """Write the checkpoint's model into folder, replacing it only once complete."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the destination, then swapped in: a failure leaves the old folder whole.
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        architecture = write_hf_folder(model, tokenizer, staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return architecture
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export from the command line; returns the exit status."""
+    parser = build_parser(__doc__, [(SampleConfig, ["ckpt"]), (TrainConfig, ["out_dir"])])
+    parser.add_argument(
+        "--to", default="", help="folder to write; empty = hf/ inside the run's folder"
+    )
+    parser.add_argument(
+        "--overwrite",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="replace what --to holds (default: False)",
+    )
+    try:
+        (sample_config, train_config), given = parse_configs(
+            parser, [SampleConfig, TrainConfig], argv
+        )
+        checkpoint = checkpoint_to_sample(sample_config.ckpt, train_config.out_dir)
+        folder = destination(given["to"], checkpoint, given["overwrite"])
+        architecture = export(checkpoint, folder)
+    except UserFacingError as err:
+        print_error(PROG, err)
+        return 2
+    except OSError as err:  # a full disk, a folder that cannot be written
+        print_error(PROG, err)
+        return 1
+    print(
+        f"wrote {folder}: transformers loads it as {architecture} "
+        f'(AutoModelForCausalLM.from_pretrained("{folder}"))'
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C as usual again
+    raise SystemExit(main())
