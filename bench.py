@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+import vs_nanogpt
 from checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
 from common import UserFacingError, print_error
 from data_handling import load_splits
@@ -103,15 +104,11 @@ for _vocabulary, _size in (("fitted", FITTED_GPT2_TOKENS), ("full", GPT2_TOKENS)
     )
 # GPT-2 124M's shape as --init_from=gpt2 fine-tunes it (its defaults; block 256 of its 1,024
 # positions), with both vocabularies. Random weights: the speed does not depend on them.
-GPT2_124M = ModelConfig(
-    n_layer=12, n_head=12, n_embd=768, position="learned", activation="gelu_tanh"
-)
+GPT2_124M = {"n_layer": 12, "n_head": 12, "n_embd": 768, "position": "learned"}
 for _vocabulary, _size in (("fitted", FITTED_GPT2_TOKENS), ("full", GPT2_TOKENS)):
     TRAIN_SHAPES[f"GPT-2 124M fine-tuning, {_vocabulary}"] = (
         with_defaults(
-            ModelConfig,
-            FINE_TUNING_DEFAULTS,
-            **{**dataclasses.asdict(GPT2_124M), "vocab_size": _size},
+            ModelConfig, FINE_TUNING_DEFAULTS, **GPT2_124M, activation="gelu_tanh", vocab_size=_size
         ),
         with_defaults(TrainConfig, FINE_TUNING_DEFAULTS),
     )
@@ -292,6 +289,8 @@ def case_main(case: list[str]) -> dict[str, Any]:
 
 def print_report(results: dict[str, Any]) -> None:
     """Human-readable tables of the figures."""
+    if "vs_nanogpt" in results:
+        print(vs_nanogpt.report(results["vs_nanogpt"]))
     roof = results.get("roof", {}).get("matmul_gflops")
     if roof:
         print(f"matmul roof: {roof:.1f} GFLOP/s ({results['threads']} threads)")
@@ -372,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(TRAIN_SHAPES),
         help="training shapes to time (default: all)",
     )
+    parser.add_argument(
+        "--vs-nanogpt",
+        metavar="PATH",
+        help="also time nanoGPT (a checkout at PATH) and this project on the same work, "
+        "alternating (see vs_nanogpt.py); uses --corpus",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=2, help="--vs-nanogpt: A B rounds per case (default: 2)"
+    )
+    parser.add_argument(
+        "--corpus", default="input.txt", help="--vs-nanogpt's text (default: input.txt)"
+    )
     parser.add_argument("--json", default="bench.json", help="where to write the figures")
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)  # one measuring process
     return parser
@@ -434,6 +445,12 @@ def measure(args: argparse.Namespace) -> int:
     if args.full_val is not None:
         checkpoint = run_file(args.full_val, lambda folder: folder.sampling_checkpoint)
         results["full_validation"] = full_validation_loss(checkpoint, args.precision)
+    if args.vs_nanogpt is not None:
+        if args.pairs < 1:
+            raise UserFacingError(f"--pairs must be >= 1, got {args.pairs}")
+        results["vs_nanogpt"] = vs_nanogpt.compare(
+            Path(args.vs_nanogpt), Path(args.corpus), args.pairs
+        )
     print_report(results)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"figures written to {args.json}")

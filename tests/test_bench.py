@@ -58,10 +58,26 @@ def test_a_training_case_reports_every_figure(optimizer):
 
 
 def test_nanogpt_shapes_train_the_way_nanogpt_does():
-    for name, (model_config, train_config) in bench.TRAIN_SHAPES.items():
-        if not name.startswith("defaults"):
-            assert train_config.optimizer == "adamw", name
-            assert model_config.position == "learned", name
+    nanogpt_shapes = [name for name in bench.TRAIN_SHAPES if name.startswith(("baby", "6x384"))]
+    assert len(nanogpt_shapes) == 4
+    for name in nanogpt_shapes:
+        model_config, train_config = bench.TRAIN_SHAPES[name]
+        assert train_config.optimizer == "adamw", name
+        assert model_config.position == "learned", name
+
+
+def test_bench_shapes_follow_the_defaults_tables():
+    from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS
+
+    model_config, train_config = bench.TRAIN_SHAPES["BPE defaults, fitted"]
+    for name, value in BPE_DEFAULTS.items():
+        assert getattr(model_config, name, getattr(train_config, name, value)) == value, name
+    assert model_config.vocab_size == bench.FITTED_GPT2_TOKENS
+    model_config, train_config = bench.TRAIN_SHAPES["GPT-2 124M fine-tuning, full"]
+    assert (model_config.n_layer, model_config.n_embd, model_config.vocab_size) == (12, 768, 50257)
+    assert model_config.activation == "gelu_tanh"
+    assert train_config.optimizer == FINE_TUNING_DEFAULTS["optimizer"]
+    assert model_config.dropout == FINE_TUNING_DEFAULTS["dropout"]
 
 
 def test_full_validation_scores_every_token_of_the_split(tmp_path, tiny_corpus):

@@ -151,3 +151,25 @@ def test_a_rank_that_dies_mid_training_ends_the_whole_job(tmp_path):
     assert job.returncode != 0
     assert "Root Cause" in stderr  # torchrun's report names the rank that failed first
     assert "rank      : 1" in stderr
+
+
+@pytest.mark.slow
+def test_fitted_bpe_trains_under_torchrun_and_generates(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SMALL_TEXT * 3, encoding="utf-8")
+    options = tiny_train_argv(
+        tmp_path / "bpe", corpus, tokenizer="bpe", max_iters=4, eval_interval=2, eval_iters=2
+    )
+    trained = run([*TORCHRUN, "--nproc_per_node=2", TRAIN, *options], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "fitted" in trained.stdout  # the corpus summary names the vocabulary
+    settings = json.loads((tmp_path / "bpe" / "config.json").read_text())
+    assert settings["data"]["bpe_vocabulary"] == "fitted"
+    assert settings["model"]["vocab_size"] < 50257
+    result = run(
+        [sys.executable, GENERATE, f"--out_dir={tmp_path / 'bpe'}", "--prompt=Café au lait",
+         "--max_new_tokens=20"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Café au lait")
