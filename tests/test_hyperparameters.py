@@ -170,3 +170,31 @@ def test_configs_are_frozen():
 def test_invalid_combinations_are_refused(cls, kwargs):
     with pytest.raises(ValueError, match="must be"):
         cls(**kwargs)
+
+
+def test_bpe_runs_take_the_bpe_defaults_unless_an_option_says_otherwise():
+    from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS
+
+    parser = build_parser("t", [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
+    classes = [ModelConfig, DataConfig, TrainConfig]
+    (model, _, train), _ = parse_configs(parser, classes, ["--tokenizer=bpe"])
+    assert model.block_size == BPE_DEFAULTS["block_size"] != ModelConfig().block_size
+    assert train.optimizer == BPE_DEFAULTS["optimizer"] != TrainConfig().optimizer
+    (model, _, train), given = parse_configs(
+        parser, classes, ["--tokenizer=bpe", "--block_size=128", "--optimizer=muon"]
+    )
+    assert (model.block_size, train.optimizer) == (128, "muon")
+    assert "max_iters" not in given  # a default from the table is not an option the user gave
+    (model, _, train), _ = parse_configs(parser, classes, [])
+    assert (model.block_size, train.optimizer) == (256, "muon")  # characters: the plain ones
+    (_, data, train), _ = parse_configs(parser, classes, ["--init_from=gpt2"])
+    assert data.tokenizer == "bpe"
+    assert train.learning_rate == FINE_TUNING_DEFAULTS["learning_rate"]
+
+
+def test_help_shows_each_kind_of_runs_default(capsys):
+    parser = build_parser("t", [(ModelConfig, None), (TrainConfig, None)])
+    parser.print_help()
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 256; --tokenizer=bpe: 64)" in help_text
+    assert "(default: 'muon'; --tokenizer=bpe: 'adamw'; --init_from: 'adamw')" in help_text
