@@ -93,7 +93,10 @@ def pretrained_files(source: str) -> tuple[Path, Path]:
 def _download(repo: str) -> tuple[Path, Path]:
     """The two files from the hub, through huggingface_hub's cache (no download if cached)."""
     from huggingface_hub import hf_hub_download  # only this path needs it; it loads slowly
+    from huggingface_hub.utils import logging as hub_logging
 
+    hub_logging.set_verbosity_error()  # its retry warnings would break our one-line errors
+    print(f"getting {repo} from the Hugging Face hub, or from its cache ...", flush=True)
     try:
         return tuple(Path(hf_hub_download(repo, name)) for name in (CONFIG_FILE, WEIGHTS_FILE))
     except Exception as err:  # offline, a proxy, a full disk: every cause ends the same way

@@ -1,9 +1,11 @@
 """Train the GPT on a text corpus, with periodic evaluation, checkpoints and logs.
 
-    python train_model.py                          # Tiny Shakespeare, the defaults
-    python train_model.py --data my.txt --tokenizer bpe --max_iters 5000
-    python train_model.py --resume                 # continue the latest run
-    python train_model.py --help                   # every setting, with its default
+    python train_model.py                       # Tiny Shakespeare, the defaults
+    python train_model.py --tokenizer bpe       # GPT-2's tokens, with their own defaults
+    python train_model.py --init_from gpt2      # fine-tune GPT-2 (124M) on the corpus
+    python train_model.py --data my.txt         # your own text
+    python train_model.py --resume              # continue the latest run
+    python train_model.py --help                # every setting, with its default
 
 Each run writes to a folder of its own (out_dir; by default a new folder under out/):
 ckpt_last.pth (latest), ckpt_best.pth (lowest validation loss), metrics.jsonl (one line per

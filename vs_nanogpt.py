@@ -224,18 +224,23 @@ def compare(checkout: Path, corpus: Path, pairs: int) -> dict[str, Any]:
             print(f"training: {case.name}, {case.steps} steps, {pairs} pairs ...", flush=True)
             results[f"training, {case.name}"] = {
                 **compare_training(case, nanogpt, corpus.resolve(), workdir, pairs),
-                "nanogpt_command": " ".join(nanogpt_training(case, case.steps, Path("OUT"))[1:]),
-                "our_command": " ".join(
-                    our_training(case, case.steps, Path("OUT"), Path("input.txt"))[1:]
+                "nanogpt_command": shown(nanogpt_training(case, case.steps, Path("OUT"))),
+                "our_command": shown(
+                    our_training(case, case.steps, Path("OUT"), Path("input.txt"))
                 ),
             }
         print(f"generation: {GENERATION_TOKENS} characters, {pairs} pairs ...", flush=True)
         results[f"generation, {GENERATION_SHAPE.name}"] = {
             **compare_generation(nanogpt, corpus.resolve(), workdir, pairs),
-            "nanogpt_command": " ".join(nanogpt_sampling(Path("OUT"), GENERATION_TOKENS)[1:]),
-            "our_command": " ".join(our_sampling(Path("OUT"), GENERATION_TOKENS)[1:]),
+            "nanogpt_command": shown(nanogpt_sampling(Path("OUT"), GENERATION_TOKENS)),
+            "our_command": shown(our_sampling(Path("OUT"), GENERATION_TOKENS)),
         }
     return results
+
+
+def shown(command: list[str]) -> str:
+    """A command as a person would type it in the project's (or nanoGPT's) folder."""
+    return " ".join(["python", Path(command[1]).name, *command[2:]])
 
 
 def report(results: dict[str, Any]) -> str:
