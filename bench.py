@@ -7,6 +7,7 @@
     python bench.py --only --full_val out/run-20261123-101500/ckpt_last.pth   # another model
     python bench.py --threads 4 --json bench_4threads.json
     python bench.py --only train --shapes defaults --compile     # torch.compile's effect
+    python bench.py --only --vs-nanogpt ../nanoGPT  # beside a nanoGPT checkout, same work
 
 Measurements (each training and generation case runs in a fresh process, so its peak memory
 is its own):

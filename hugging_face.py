@@ -139,7 +139,8 @@ def model_config_from_gpt2(hf: dict[str, Any], base: ModelConfig, source: str) -
         problems.append(f"activation {hf.get('activation_function')!r} is not GELU")
     if hf.get("n_inner") not in (None, 4 * n_embd):
         problems.append(f"n_inner {hf.get('n_inner')} is not 4 x n_embd")
-    if not math.isclose(hf.get("layer_norm_epsilon", 1e-5), 1e-5):
+    epsilon = hf.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(epsilon, int | float) or not math.isclose(epsilon, 1e-5):
         problems.append("layer_norm_epsilon is not 1e-5")
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("tie_word_embeddings", True):
         problems.append("its attention scaling or untied head differ from GPT-2's")

@@ -147,6 +147,7 @@ def write_gpt2_folder(folder: Path, config: dict, tensors: dict[str, torch.Tenso
         ("wrong shapes", "has shape"),
         ("context too long", "exceeds its 64 positions"),
         ("char tokenizer", "needs --tokenizer=bpe"),
+        ("damaged config", "layer_norm_epsilon is not 1e-5"),
     ],
 )
 def test_bad_pretrained_models_are_one_line_errors(
@@ -173,6 +174,8 @@ def test_bad_pretrained_models_are_one_line_errors(
         block_size = 128
     elif damage == "char tokenizer":
         tokenizer = CharTokenizer.from_text(SMALL_TEXT)
+    elif damage == "damaged config":
+        source = write_gpt2_folder(tmp_path / "m", {**config, "layer_norm_epsilon": "x"}, {})
     with pytest.raises(UserFacingError, match=needle) as caught:
         our_gpt2(source, tokenizer, block_size)
     assert "\n" not in str(caught.value)
