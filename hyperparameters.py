@@ -267,7 +267,7 @@ def settings_for_resume(saved: RunSettings, given: dict[str, Any], out_dir: str)
 # about 300,000 training tokens: a model sees all of them in a minute or two and then starts to
 # learn the text by heart. Small, slow AdamW steps on short contexts overfit least; Muon's
 # fast steps, which win with characters, overfit sooner. Chosen by runs of equal wall time
-# (README, "Why the BPE defaults"): about 4.5 minutes on a 2-core CPU, since ten-minute runs
+# (README, "Why the BPE defaults"): about four minutes on a 2-core CPU, since ten-minute runs
 # scored no better.
 BPE_DEFAULTS: dict[str, Any] = {
     "block_size": 64,
