@@ -310,7 +310,7 @@ def defaults_for(given: dict[str, Any]) -> dict[str, Any]:
     """The table of defaults for the kind of run the given options describe (maybe empty)."""
     if given.get("init_from"):
         return FINE_TUNING_DEFAULTS
-    if given.get("tokenizer") == "bpe":
+    if given.get("tokenizer", DataConfig.tokenizer) == "bpe":  # also when edited to be the default
         return BPE_DEFAULTS
     return {}
 

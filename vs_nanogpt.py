@@ -59,18 +59,19 @@ GENERATION_TOKENS, SHORT_GENERATION_TOKENS = 2000, 50
 
 def run_measured(command: list[str], cwd: Path) -> tuple[float, float]:
     """Run a command to its end; its wall seconds and peak memory in MB (its own, not ours)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        error = process.stderr.read().strip().splitlines()
-        raise UserFacingError(
-            f"{' '.join(command[:2])} failed ({error[-1] if error else process.returncode})"
-        )
+    # stderr goes to a file, not a pipe: a progress bar filling an unread pipe would block.
+    with tempfile.TemporaryFile("w+") as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            errors.seek(0)
+            last = errors.read().strip().splitlines()
+            raise UserFacingError(
+                f"{' '.join(command[:2])} failed ({last[-1] if last else process.returncode})"
+            )
     return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in kB on Linux
 
 

@@ -75,3 +75,11 @@ def test_per_step_time_leaves_start_up_out_and_ratios_compare_tokens_per_second(
     assert figures["ours"]["tokens_per_s"] == pytest.approx(7680)
     assert figures["speed_ratio"] == pytest.approx(2.0)
     assert figures["memory_ratio"] == pytest.approx(0.5)
+
+
+def test_a_chatty_command_does_not_block_on_its_error_output(tmp_path):
+    # 1 MB on stderr: more than a pipe holds, as a long progress bar writes.
+    command = [sys.executable, "-c", "import sys; sys.stderr.write('x' * 1_000_000)"]
+    seconds, peak_mb = vs_nanogpt.run_measured(command, tmp_path)
+    assert seconds < 60
+    assert peak_mb > 0
