@@ -198,9 +198,13 @@ def load_gpt2_weights(model: GPT, weights: dict[str, torch.Tensor], tokenizer: T
     for theirs, ours, conv1d in _gpt2_names(model.config.n_layer):
         if theirs not in weights:
             raise UserFacingError(f"the GPT-2 weights lack {theirs}")
-        tensor = weights[theirs].t() if conv1d else weights[theirs]
+        tensor = weights[theirs]
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise UserFacingError(f"the GPT-2 weight {theirs} is not all finite numbers")
+        if conv1d and tensor.dim() == 2:
+            tensor = tensor.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
         if ours == "token_embedding.weight" and isinstance(tokenizer, FittedBPETokenizer):
-            if tensor.size(0) <= int(tokenizer.gpt2_ids.max()):
+            if tensor.dim() != 2 or tensor.size(0) <= int(tokenizer.gpt2_ids.max()):
                 raise UserFacingError(f"{theirs} has {tensor.size(0)} rows, fewer than GPT-2's")
             tensor = tensor[torch.from_numpy(tokenizer.gpt2_ids)]
         if ours == "position_embedding.weight":

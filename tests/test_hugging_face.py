@@ -148,6 +148,8 @@ def write_gpt2_folder(folder: Path, config: dict, tensors: dict[str, torch.Tenso
         ("context too long", "exceeds its 64 positions"),
         ("char tokenizer", "needs --tokenizer=bpe"),
         ("damaged config", "layer_norm_epsilon is not 1e-5"),
+        ("not finite", "is not all finite numbers"),
+        ("three-dimensional weight", "has shape"),
     ],
 )
 def test_bad_pretrained_models_are_one_line_errors(
@@ -174,6 +176,15 @@ def test_bad_pretrained_models_are_one_line_errors(
         block_size = 128
     elif damage == "char tokenizer":
         tokenizer = CharTokenizer.from_text(SMALL_TEXT)
+    elif damage in ("not finite", "three-dimensional weight"):
+        tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
+        tensors.pop("lm_head.weight")
+        name = "transformer.h.0.attn.c_attn.weight"
+        if damage == "not finite":
+            tensors[name] = tensors[name].clone().fill_(float("nan"))
+        else:
+            tensors[name] = tensors[name].unsqueeze(0).contiguous()
+        source = write_gpt2_folder(tmp_path / "m", config, tensors)
     elif damage == "damaged config":
         source = write_gpt2_folder(tmp_path / "m", {**config, "layer_norm_epsilon": "x"}, {})
     with pytest.raises(UserFacingError, match=needle) as caught:
