@@ -104,6 +104,12 @@ class TrainConfig:
 
     batch_size: int = setting(8, "sequences per micro-batch; 4..64 on a CPU")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; 1..8")
+    sequences_per_pass: int = setting(
+        0,
+        "sequences in one forward and backward pass; a micro-batch takes as many passes as it "
+        "needs, with the same gradient; 0 = the whole micro-batch on a GPU, passes of at most "
+        "2,048 tokens on a CPU (they stay in its cache)",
+    )
     max_iters: int = setting(4000, "optimizer steps in total; 1000..20000")
     learning_rate: float = setting(5e-3, "peak step size; muon 2e-3..1e-2, adamw 1e-3..3e-3")
     min_lr_fraction: float = setting(0.1, "the cosine decay ends at this share of learning_rate")
@@ -152,6 +158,8 @@ class TrainConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequences_per_pass < 0:
+            problems.append(f"sequences_per_pass must be >= 0, got {self.sequences_per_pass}")
         if not self.learning_rate > 0:
             problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.min_lr_fraction <= 1:

@@ -55,6 +55,7 @@ from devices import (
     autocast_context,
     process_rank,
     require_memory,
+    sequences_per_pass,
     setup_compute,
     shutdown_distributed,
     start_random_streams,
@@ -115,6 +116,7 @@ class Run:
     config: TrainConfig
     device: torch.device
     autocast: contextlib.AbstractContextManager
+    sequences_per_pass: int  # of a micro-batch, through one forward and backward pass
     distributed: Distributed = dataclasses.field(default_factory=Distributed)
 
     def tokens_per_step(self) -> int:
@@ -129,6 +131,8 @@ class Run:
 def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimizer step number state.step, over gradient_accumulation_steps micro-batches.
 
+    Each micro-batch goes through the model in passes of run.sequences_per_pass sequences; the
+    gradients of all passes add up to the gradient of the whole step's batch.
     Returns the step's loss and the gradient norm before clipping (tensors: reading them
     waits for the step, so the loop does that only every log_interval steps).
     """
@@ -137,9 +141,6 @@ def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tens
         group["lr"] = learning_rate_at(state.step, config)
     total_loss = torch.zeros((), device=run.device)
     for micro_step in range(config.gradient_accumulation_steps):
-        # Across processes, gradients are averaged once per step, after the last micro-batch.
-        last = micro_step == config.gradient_accumulation_steps - 1
-        skip_sync = run.distributed.enabled and not last
         x, y = get_batch(
             run.splits["train"],
             config.batch_size,
@@ -147,13 +148,24 @@ def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tens
             state.batch_generator,
             run.device,
         )
-        with run.compiled.no_sync() if skip_sync else contextlib.nullcontext():
-            with run.autocast:
-                _, loss = run.compiled(x, y)
-            # Scaling each micro-batch's loss makes the summed gradient equal one big batch's.
-            loss = loss / config.gradient_accumulation_steps
-            run.scaler.scale(loss).backward()
-        total_loss += loss.detach()
+        size = run.sequences_per_pass
+        passes = list(zip(x.split(size), y.split(size), strict=True))
+        for pass_number, (pass_x, pass_y) in enumerate(passes):
+            # Across processes, gradients are averaged once per step, after the last pass.
+            last = (
+                micro_step == config.gradient_accumulation_steps - 1
+                and pass_number == len(passes) - 1
+            )
+            skip_sync = run.distributed.enabled and not last
+            with run.compiled.no_sync() if skip_sync else contextlib.nullcontext():
+                with run.autocast:
+                    _, loss = run.compiled(pass_x, pass_y)
+                # Weighting each pass's mean loss by its share of the step's sequences makes
+                # the summed gradient equal that of one big batch.
+                share = pass_x.size(0) / (x.size(0) * config.gradient_accumulation_steps)
+                loss = loss * share
+                run.scaler.scale(loss).backward()
+            total_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)  # true gradients, for their norm and for clipping
     if config.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
@@ -261,8 +273,14 @@ def build_run(
     settings = dataclasses.replace(
         settings, model=dataclasses.replace(model_config, vocab_size=corpus.tokenizer.vocab_size)
     )
+    pass_size = sequences_per_pass(
+        settings.train.sequences_per_pass,
+        settings.train.batch_size,
+        settings.model.block_size,
+        device,
+    )
     require_memory(
-        training_memory(settings.model, settings.train.batch_size),
+        training_memory(settings.model, pass_size),
         device,
         "training this model on this batch",
         "lower --batch_size, --block_size, --n_embd or --n_layer",
@@ -287,6 +305,7 @@ def build_run(
         config=settings.train,
         device=device,
         autocast=autocast_context(device, dtype),
+        sequences_per_pass=pass_size,
         distributed=distributed,
     )
     state = starting_state(run, checkpoint, folder)
@@ -298,7 +317,7 @@ def build_run(
         f"global batch: {settings.train.batch_size} x {settings.train.gradient_accumulation_steps}"
         f" accumulation x {distributed.world_size} processes = "
         f"{run.tokens_per_step() // model.config.block_size} sequences of "
-        f"{model.config.block_size} tokens"
+        f"{model.config.block_size} tokens, {pass_size} sequences per forward and backward pass"
     )
     description = RunDescription(
         settings, corpus.tokenizer, corpus.tokens_per_char(), corpus.sha256

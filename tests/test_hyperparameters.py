@@ -162,6 +162,7 @@ def test_configs_are_frozen():
     [
         (TrainConfig, {"min_lr_fraction": 1.5}),
         (TrainConfig, {"gradient_accumulation_steps": 0}),
+        (TrainConfig, {"sequences_per_pass": -1}),
         (DataConfig, {"val_fraction": 1.0}),
         (SampleConfig, {"temperature": -0.1}),
         (SampleConfig, {"top_k": -1}),

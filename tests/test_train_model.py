@@ -18,7 +18,7 @@ import train_model
 from checkpoint import load_checkpoint
 from common import UserFacingError
 from conftest import build_training, tiny_train_argv
-from devices import resolve_device
+from devices import resolve_device, sequences_per_pass
 from train_model import train_step
 from training_log import bits_per_char
 
@@ -59,6 +59,54 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_corpus, monk
     accumulated = gradients_after_one_step(4, 2)
     for name, grad in one_batch.items():
         torch.testing.assert_close(accumulated[name], grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_pass", [3, 8])  # 3: passes of 3, 3 and 2 sequences
+def test_passes_of_a_few_sequences_give_the_whole_batch_gradient(
+    tmp_path, tiny_corpus, monkeypatch, per_pass
+):
+    big_x = torch.randint(0, 20, (8, 16))
+    big_y = torch.randint(0, 20, (8, 16))
+
+    def gradients_and_loss(sequences_per_pass):
+        run, state, _ = build_training(
+            tiny_train_argv(
+                tmp_path / f"out{sequences_per_pass}",
+                tiny_corpus,
+                batch_size=8,
+                sequences_per_pass=sequences_per_pass,
+                grad_clip=0,
+            )
+        )
+        assert run.sequences_per_pass == sequences_per_pass
+        monkeypatch.setattr(train_model, "get_batch", lambda *args: (big_x, big_y))
+        seen = []
+        real_forward = run.compiled.forward
+        run.compiled.forward = lambda x, y: seen.append(len(x)) or real_forward(x, y)
+        captured = {}
+        run.optimizer.step = lambda: captured.update(
+            {n: p.grad.clone() for n, p in run.model.named_parameters()}
+        )
+        loss, _ = train_step(run, state)
+        return captured, loss, seen
+
+    whole, whole_loss, whole_passes = gradients_and_loss(8)
+    split, split_loss, split_passes = gradients_and_loss(per_pass)
+    assert whole_passes == [8]
+    assert split_passes == ([3, 3, 2] if per_pass == 3 else [8])
+    torch.testing.assert_close(split_loss, whole_loss, atol=1e-6, rtol=1e-5)
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_cpu_takes_passes_of_at_most_2048_tokens_and_a_gpu_the_whole_batch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sequences_per_pass(0, 64, 256, cpu) == 8  # nanoGPT's Shakespeare shape
+    assert sequences_per_pass(0, 12, 64, cpu) == 12  # 768 tokens: one pass
+    assert sequences_per_pass(0, 4, 4096, cpu) == 1  # a block longer than 2048: one sequence
+    assert sequences_per_pass(0, 64, 256, cuda) == 64
+    assert sequences_per_pass(5, 64, 256, cuda) == 5  # asked for: as asked
+    assert sequences_per_pass(100, 64, 256, cpu) == 64  # never more than the micro-batch
 
 
 def test_a_learnable_corpus_reaches_a_low_loss(tmp_path):
