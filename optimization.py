@@ -74,7 +74,7 @@ def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> Opt
         ],
         lr=config.learning_rate,
         betas=(config.beta1, config.beta2),
-        fused=device.type == "cuda",
+        fused=device.type in ("cpu", "cuda"),  # one kernel for all parameters, not eight ops each
     )
     if not muon:
         return adamw

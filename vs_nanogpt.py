@@ -45,12 +45,25 @@ class TrainingCase:
     batch_size: int
     dropout: float
     steps: int
+    # nanoGPT's batch in this many passes (its gradient_accumulation_steps), as this project
+    # takes it on a CPU: the same work, so that the comparison shows what passes alone give.
+    nanogpt_passes: int = 1
 
 
 TRAINING_CASES = (
     TrainingCase("baby 4x128, block 64, batch 12, dropout 0", 4, 4, 128, 64, 12, 0.0, 400),
     TrainingCase("6x384, block 256, batch 64, dropout 0.2", 6, 6, 384, 256, 64, 0.2, 3),
+    TrainingCase(
+        "6x384, block 256, batch 64, dropout 0.2, nanoGPT in 8 passes of 8",
+        *(6, 6, 384, 256, 64, 0.2, 3),
+        nanogpt_passes=8,
+    ),
     TrainingCase("6x384, block 256, batch 64, dropout 0", 6, 6, 384, 256, 64, 0.0, 3),
+    TrainingCase(
+        "6x384, block 256, batch 64, dropout 0, nanoGPT in 8 passes of 8",
+        *(6, 6, 384, 256, 64, 0.0, 3),
+        nanogpt_passes=8,
+    ),
 )
 # The model that generates: trained for a step or two (its weights do not change the speed).
 GENERATION_SHAPE = TrainingCase("6x384, block 256", 6, 6, 384, 256, 4, 0.0, 1)
@@ -95,14 +108,16 @@ def nanogpt_training(case: TrainingCase, steps: int, out_dir: Path) -> list[str]
     """The command line of nanoGPT's train.py for `steps` steps.
 
     Its loop runs max_iters + 1 steps. It evaluates one batch at step 0, and once more (saving
-    ckpt.pt) at step 1 only when steps is 2: for the model that generation uses.
+    ckpt.pt) at step 1 only when steps is 2: for the model that generation uses. Its batch is
+    batch_size x gradient_accumulation_steps sequences.
     """
+    passes = case.nanogpt_passes
     return [
         sys.executable, "train.py", f"--dataset={NANOGPT_DATASET}", f"--out_dir={out_dir}",
         "--device=cpu", "--dtype=float32", "--compile=False", "--bias=False",
         f"--n_layer={case.n_layer}", f"--n_head={case.n_head}", f"--n_embd={case.n_embd}",
-        f"--block_size={case.block_size}", f"--batch_size={case.batch_size}",
-        f"--dropout={case.dropout}", "--gradient_accumulation_steps=1",
+        f"--block_size={case.block_size}", f"--batch_size={case.batch_size // passes}",
+        f"--dropout={case.dropout}", f"--gradient_accumulation_steps={passes}",
         f"--max_iters={steps - 1}", f"--lr_decay_iters={max(steps - 1, 1)}",
         f"--eval_interval={1 if steps == 2 else 10**9}", "--eval_iters=1",
         "--learning_rate=1e-3", "--warmup_iters=0", "--log_interval=1000000",

@@ -53,6 +53,7 @@ def test_a_failing_command_is_one_line(tmp_path):
 
 def test_both_projects_get_the_same_work():
     case = vs_nanogpt.TRAINING_CASES[1]
+    assert case.nanogpt_passes == 1
     theirs = vs_nanogpt.nanogpt_training(case, case.steps, Path("out"))
     ours = vs_nanogpt.our_training(case, case.steps, Path("out"), Path("input.txt"))
     for setting in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout"):
@@ -63,6 +64,15 @@ def test_both_projects_get_the_same_work():
     assert f"--max_iters={case.steps}" in ours
     assert "--optimizer=adamw" in ours
     assert "--position=learned" in ours
+
+
+def test_nanogpt_in_passes_takes_the_same_batch_through_its_accumulation():
+    case = next(c for c in vs_nanogpt.TRAINING_CASES if c.nanogpt_passes == 8)
+    theirs = vs_nanogpt.nanogpt_training(case, case.steps, Path("out"))
+    assert case.batch_size == 64
+    assert "--batch_size=8" in theirs
+    assert "--gradient_accumulation_steps=8" in theirs
+    assert "--batch_size=64" in vs_nanogpt.our_training(case, 3, Path("out"), Path("input.txt"))
 
 
 def test_per_step_time_leaves_start_up_out_and_ratios_compare_tokens_per_second():
