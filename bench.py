@@ -11,7 +11,8 @@
 
 Measurements (each training and generation case runs in a fresh process, so its peak memory
 is its own):
-  roof      the float32 matmul rate of a large torch.mm (GFLOP/s): the machine's ceiling
+  roof      the float32 matmul rate of a large torch.mm (GFLOP/s): the machine's ceiling for
+            training; and the memory bandwidth of a 512 MB copy (GB/s), generation's ceiling
   train     tokens/s, ms per step, achieved GFLOP/s and its share of the roof (MFU), peak RSS
             for nanoGPT's CPU "baby" shape (4 x 128, block 64, batch 12) with characters, with
             GPT-2 BPE and with Tiny Shakespeare's fitted GPT-2 vocabulary, the classic 6 x 384
@@ -21,7 +22,9 @@ is its own):
   generate  new tokens/s from a 6 x 384 character model with block 256 for 1,000 and 2,000
             tokens: with the key/value cache (float32 and bfloat16 weights) and with full
             recomputation; and 500 cached float32 tokens from the BPE defaults' model and from
-            GPT-2 124M, each with both vocabularies; time to the first token
+            GPT-2 124M, each with both vocabularies; time to the first token; the bytes
+            read per second (every weight and the cache it attends to, once per token) and
+            their share of the bandwidth
   quality   wall time at which a run's validation loss first reached 2.0 ... 1.4 nats/char
 No figure here is asserted anywhere: this is a measuring tool, not a test.
 """
@@ -54,6 +57,7 @@ import vs_nanogpt
 from checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
 from common import UserFacingError, print_error
 from data_handling import load_splits
+from devices import sequences_per_pass
 from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS, ModelConfig, TrainConfig
 from model_architecture import GPT, generate
 from optimization import make_optimizer
@@ -143,6 +147,28 @@ def matmul_roof(size: int = 2048, repeats: int = 10) -> dict[str, float]:
     return {"matmul_gflops": 2 * size**3 / statistics.median(seconds) / 1e9}
 
 
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
+    """GB/s of copying a tensor far larger than any cache: bytes read plus bytes written."""
+    source = torch.randn(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm up: the pages exist before the clock starts
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        seconds.append(time.perf_counter() - start)
+    return {"copy_gb_per_s": 2 * source.numel() * 4 / statistics.median(seconds) / 1e9}
+
+
+def bytes_per_generated_token(model: GPT, cached_positions: float) -> float:
+    """What one cached step reads at least: every weight once, and the cache it attends to."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = model.config
+    element = model.token_embedding.weight.element_size()
+    cache = 2 * c.n_layer * c.n_embd * cached_positions * element  # keys and values
+    return weights + cache
+
+
 def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 per weight (forward + backward) plus attention's share."""
     c = model.config
@@ -167,6 +193,12 @@ def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str,
         config=train_config,
         device=device,
         autocast=contextlib.nullcontext(),
+        sequences_per_pass=sequences_per_pass(
+            train_config.sequences_per_pass,
+            train_config.batch_size,
+            model_config.block_size,
+            device,
+        ),
     )
     state = TrainingState(batch_generator=torch.Generator().manual_seed(0))
     train_step(run, state)[0].item()  # warm up: allocations, kernel selection
@@ -201,8 +233,12 @@ def generate_speed(name: str, new_tokens: int, use_cache: bool, precision: str) 
     first_token_s = time.perf_counter() - start
     count = 1 + sum(1 for _ in stream)
     total_s = time.perf_counter() - start
+    # With the cache, a step attends to between half a block and a block of positions; its
+    # average is about three quarters of a block (a lower bound on the bytes read per token).
+    positions = 0.75 * config.block_size if use_cache else config.block_size
     return {
         "tokens_per_s": count / total_s,
+        "gb_read_per_s": count / total_s * bytes_per_generated_token(model, positions) / 1e9,
         "seconds": total_s,
         "first_token_ms": first_token_s * 1000,
         "peak_rss_mb": peak_rss_mb(),
@@ -282,7 +318,7 @@ def case_main(case: list[str]) -> dict[str, Any]:
     """The body of a measuring process."""
     kind, *args = case
     if kind == "roof":
-        return matmul_roof()
+        return {**matmul_roof(), **copy_bandwidth()}
     if kind == "train":
         return train_speed(args[0], steps=int(args[1]), compile_model=args[2] == "compile")
     return generate_speed(args[0], int(args[1]), use_cache=args[2] == "cache", precision=args[3])
@@ -301,10 +337,15 @@ def print_report(results: dict[str, Any]) -> None:
             f"train {name}: {row['tokens_per_s']:,.0f} tokens/s, {row['ms_per_step']:.1f} ms/step,"
             f" {row['gflops']:.1f} GFLOP/s{mfu}, peak RSS {row['peak_rss_mb']:,.0f} MB"
         )
+    bandwidth = results.get("roof", {}).get("copy_gb_per_s")
+    if bandwidth:
+        print(f"memory bandwidth (a 512 MB copy, read + write): {bandwidth:.1f} GB/s")
     for name, row in results.get("generate", {}).items():
+        share = f" ({row['gb_read_per_s'] / bandwidth:.0%} of it)" if bandwidth else ""
         print(
             f"generate {name}: {row['tokens_per_s']:,.1f} tokens/s ({row['seconds']:.1f} s), "
-            f"first token {row['first_token_ms']:.1f} ms, peak RSS {row['peak_rss_mb']:,.0f} MB"
+            f"first token {row['first_token_ms']:.1f} ms, reads {row['gb_read_per_s']:.1f} GB/s"
+            f"{share}, peak RSS {row['peak_rss_mb']:,.0f} MB"
         )
     for name, value in results.get("full_validation", {}).items():
         print(f"whole validation split: {name} = {value:.4f}")

@@ -45,6 +45,29 @@ def test_flops_per_token_counts_weights_and_attention():
     assert bench.flops_per_token(rotary) == bench.flops_per_token(learned)  # same multiplications
 
 
+def test_a_generated_token_reads_every_weight_and_the_cache_once():
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=10)
+    model = GPT(config)
+    weights = 4 * model.num_parameters()  # float32
+    keys_and_values = 2 * 2 * 32 * 12 * 4  # two tensors, two layers, 12 positions, float32
+    assert bench.bytes_per_generated_token(model, 12) == weights + keys_and_values
+    half = model.to(torch.bfloat16)
+    assert bench.bytes_per_generated_token(half, 12) == (weights + keys_and_values) / 2
+
+
+def test_a_generation_case_reports_the_bytes_it_reads_per_second():
+    tiny = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10)
+    bench.GENERATE_MODELS["tiny"] = tiny
+    try:
+        figures = bench.generate_speed("tiny", 20, use_cache=True, precision="float32")
+    finally:
+        del bench.GENERATE_MODELS["tiny"]
+    per_token = bench.bytes_per_generated_token(GPT(tiny), 0.75 * 8)
+    expected = figures["tokens_per_s"] * per_token / 1e9
+    assert figures["gb_read_per_s"] == pytest.approx(expected)
+    assert bench.copy_bandwidth(megabytes=8, repeats=2)["copy_gb_per_s"] > 0
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_training_case_reports_every_figure(optimizer):
     tiny = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10)
