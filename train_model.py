@@ -192,9 +192,11 @@ def estimate_loss(run: Run) -> dict[str, float]:
             x, y = get_batch(
                 data, config.batch_size, run.model.config.block_size, generator, run.device
             )
-            with run.autocast:
-                _, loss = run.compiled(x, y)
-            total += loss.item()
+            size = run.sequences_per_pass  # as in training: cache-sized passes on a CPU
+            for pass_x, pass_y in zip(x.split(size), y.split(size), strict=True):
+                with run.autocast:
+                    _, loss = run.compiled(pass_x, pass_y)
+                total += loss.item() * pass_x.size(0) / x.size(0)
         losses[name] = total / config.eval_iters
     run.compiled.train()
     return losses

@@ -99,6 +99,19 @@ def test_passes_of_a_few_sequences_give_the_whole_batch_gradient(
         torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-5)
 
 
+def test_evaluation_in_passes_gives_the_whole_batch_loss(tmp_path, tiny_corpus):
+    losses = {}
+    for per_pass in (8, 3):
+        run, _, _ = build_training(
+            tiny_train_argv(
+                tmp_path / f"out{per_pass}", tiny_corpus, batch_size=8, sequences_per_pass=per_pass
+            )
+        )
+        losses[per_pass] = train_model.estimate_loss(run)
+    for split in ("train", "val"):
+        assert losses[3][split] == pytest.approx(losses[8][split], rel=1e-6)
+
+
 def test_a_cpu_takes_passes_of_at_most_2048_tokens_and_a_gpu_the_whole_batch():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert sequences_per_pass(0, 64, 256, cpu) == 8  # nanoGPT's Shakespeare shape
