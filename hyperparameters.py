@@ -193,7 +193,9 @@ class SampleConfig:
     )
     use_cache: bool = setting(True, "reuse keys/values of earlier tokens (same text, faster)")
     precision: Literal["float32", "bfloat16"] = setting(
-        "float32", "number type of weights and cache; bfloat16 reads half the memory per token"
+        "float32",
+        "number type of weights and cache; bfloat16 halves their memory, but generates more "
+        "slowly on a CPU without bfloat16 arithmetic",
     )
 
     def __post_init__(self) -> None:
