@@ -95,20 +95,22 @@ def model_memory(config: ModelConfig) -> int:
     return FLOAT_BYTES * weights + masks + L * FLOAT_BYTES * T * (C // config.n_head)
 
 
-def training_memory(config: ModelConfig, batch_size: int) -> int:
+def training_memory(config: ModelConfig, batch_size: int, sequences_per_pass: int) -> int:
     """Bytes a training step needs, roughly.
 
-    The model, its gradients and AdamW's two moments (Muon keeps less), and the activations
-    kept for the backward pass.
+    The model, its gradients and AdamW's two moments (Muon keeps less), the activations one
+    pass keeps for its backward pass, and the whole batch's token ids and targets.
     """
     weights = model_memory(config)
-    B, T, C = batch_size, config.block_size, config.n_embd
+    T, C = config.block_size, config.n_embd
     # Per token and layer, about 16 floats of width C are kept (projections, GELU, norms; 6 x 384
     # at batch 64 measured 3.3 GB), and the manual attention keeps T-wide rows for each head;
     # the logits and their gradient take a few floats per vocabulary entry.
     attention = 3 * config.n_head * T if config.attention == "manual" else 0
     per_token = config.n_layer * (16 * C + attention) + 3 * config.vocab_size
-    return 4 * weights + FLOAT_BYTES * B * T * per_token
+    activations = FLOAT_BYTES * sequences_per_pass * T * per_token
+    token_ids = 2 * 8 * batch_size * T  # inputs and targets, int64
+    return 4 * weights + activations + token_ids
 
 
 # Passes of at most this many tokens keep a CPU's activations small enough to stay in its cache:

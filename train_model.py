@@ -282,7 +282,7 @@ def build_run(
         device,
     )
     require_memory(
-        training_memory(settings.model, pass_size),
+        training_memory(settings.model, settings.train.batch_size, pass_size),
         device,
         "training this model on this batch",
         "lower --batch_size, --block_size, --n_embd or --n_layer",

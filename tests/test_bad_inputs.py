@@ -77,7 +77,7 @@ def sparse_file(path: Path, size: int) -> Path:
 
 TRAINING_CASES = [
     # (id, options, setup of the working folder, expected status, words in the message)
-    ("batch too large", {"batch_size": 10_000_000}, None, 2, ["needs about", "--batch_size"]),
+    ("batch too large", {"batch_size": 10**11}, None, 2, ["needs about", "--batch_size"]),
     (
         "context too long",
         {"block_size": 100_000, "max_iters": 1},

@@ -18,7 +18,8 @@ import train_model
 from checkpoint import load_checkpoint
 from common import UserFacingError
 from conftest import build_training, tiny_train_argv
-from devices import resolve_device, sequences_per_pass
+from devices import resolve_device, sequences_per_pass, training_memory
+from hyperparameters import ModelConfig
 from train_model import train_step
 from training_log import bits_per_char
 
@@ -110,6 +111,14 @@ def test_evaluation_in_passes_gives_the_whole_batch_loss(tmp_path, tiny_corpus):
         losses[per_pass] = train_model.estimate_loss(run)
     for split in ("train", "val"):
         assert losses[3][split] == pytest.approx(losses[8][split], rel=1e-6)
+
+
+def test_the_memory_check_counts_one_pass_of_activations_and_the_whole_batchs_ids():
+    config = ModelConfig(vocab_size=65)
+    in_passes = training_memory(config, batch_size=64, sequences_per_pass=8)
+    assert training_memory(config, batch_size=64, sequences_per_pass=64) > 4 * in_passes
+    more_sequences = training_memory(config, batch_size=128, sequences_per_pass=8)
+    assert more_sequences - in_passes == 2 * 8 * 64 * config.block_size  # int64 ids and targets
 
 
 def test_a_cpu_takes_passes_of_at_most_2048_tokens_and_a_gpu_the_whole_batch():
