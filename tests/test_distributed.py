@@ -31,7 +31,11 @@ def run(command: list[str], cwd: Path, timeout: float = 240) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """The same training as 2 processes x batch 8 and as 1 process x batch 16 (dropout 0)."""
+    """The same training as 2 processes x batch 8 and as 1 process x batch 16 (dropout 0).
+
+    The two processes take their batches in passes of 3, 3 and 2 sequences, so gradients are
+    averaged across processes only after the last pass.
+    """
     workdir = tmp_path_factory.mktemp("ddp")
     corpus = workdir / "corpus.txt"
     corpus.write_text(SMALL_TEXT * 3, encoding="utf-8")
@@ -39,12 +43,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     started = time.perf_counter()
     two = run(
         [*TORCHRUN, "--nproc_per_node=2", TRAIN,
-         *tiny_train_argv(workdir / "two", corpus, batch_size=8, **common)],
+         *tiny_train_argv(workdir / "two", corpus, batch_size=8, sequences_per_pass=3,
+                          **common)],
         cwd=workdir,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     assert two.returncode == 0, two.stderr
     assert "= 16 sequences" in two.stdout  # the global batch: 8 x 1 x 2
+    assert "3 sequences per forward and backward pass" in two.stdout
     one = run([sys.executable, TRAIN, *tiny_train_argv(workdir / "one", corpus, batch_size=16,
                                                        **common)], cwd=workdir)  # fmt: skip
     assert one.returncode == 0, one.stderr
