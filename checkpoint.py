@@ -258,8 +258,8 @@ def model_from_checkpoint(
 ) -> tuple[GPT, Tokenizer]:
     """Rebuild the model (in eval mode, on `device`) and its tokenizer from a checkpoint alone.
 
-    precision "bfloat16" halves the weights' size: generating a token reads every weight once,
-    so that makes generation faster.
+    precision "bfloat16" halves the weights' size (generating a token reads every weight once);
+    on a CPU without bfloat16 arithmetic it generates more slowly all the same.
     """
     model_config = saved_model_config(checkpoint)
     tokenizer = saved_tokenizer(checkpoint)

@@ -107,8 +107,9 @@ class TrainConfig:
     sequences_per_pass: int = setting(
         0,
         "sequences in one forward and backward pass; a micro-batch takes as many passes as it "
-        "needs, with the same gradient; 0 = the whole micro-batch on a GPU, passes of at most "
-        "2,048 tokens on a CPU (they stay in its cache)",
+        "needs, with the same gradient up to rounding (and dropout's random masks); 0 = the "
+        "whole micro-batch on a GPU, equal passes of at most 2,048 tokens on a CPU (faster: "
+        "each operation's tensors stay small enough for its caches)",
     )
     max_iters: int = setting(4000, "optimizer steps in total; 1000..20000")
     learning_rate: float = setting(5e-3, "peak step size; muon 2e-3..1e-2, adamw 1e-3..3e-3")

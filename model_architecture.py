@@ -75,9 +75,11 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """F.dropout(x, p, training), with a faster mask on a CPU."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p=p, training=True)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p=p, training=True)  # fused on GPUs; torch.compile fuses its own
     keep, keep_probability = keep_mask(x.shape, p, x.device)
+    if keep_probability == 1:
+        return x  # p below 1 / 2**17 rounds to keeping everything
     return MaskedScale.apply(x, keep, 1 / keep_probability)
 
 
@@ -91,6 +93,10 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dropout while training; the input unchanged in evaluation."""
         return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        """What print(model) shows."""
+        return f"p={self.p}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +120,7 @@ def causal_attention_manual(
 ) -> torch.Tensor:
     """The reference: attention weights, dropout, then the weighted sum of the values."""
     weights = attention_weights(q, k, mask)  # (B, nh, Tq, Tk)
+    # PyTorch's own dropout, as the reference (on a CPU, slower than `dropout` above).
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
 

@@ -285,7 +285,7 @@ def build_run(
         training_memory(settings.model, settings.train.batch_size, pass_size),
         device,
         "training this model on this batch",
-        "lower --batch_size, --block_size, --n_embd or --n_layer",
+        "lower --sequences_per_pass, --batch_size, --block_size, --n_embd or --n_layer",
     )
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint, device)[0].train()

@@ -49,6 +49,9 @@ class TrainingCase:
     # takes it on a CPU: the same work, so that the comparison shows what passes alone give.
     nanogpt_passes: int = 1
 
+    def __post_init__(self) -> None:
+        assert self.batch_size % self.nanogpt_passes == 0, "nanoGPT's passes must be equal"
+
 
 TRAINING_CASES = (
     TrainingCase("baby 4x128, block 64, batch 12, dropout 0", 4, 4, 128, 64, 12, 0.0, 400),

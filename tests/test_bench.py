@@ -60,11 +60,13 @@ def test_a_generation_case_reports_the_bytes_it_reads_per_second():
     bench.GENERATE_MODELS["tiny"] = tiny
     try:
         figures = bench.generate_speed("tiny", 20, use_cache=True, precision="float32")
+        recomputing = bench.generate_speed("tiny", 20, use_cache=False, precision="float32")
     finally:
         del bench.GENERATE_MODELS["tiny"]
     per_token = bench.bytes_per_generated_token(GPT(tiny), 0.75 * 8)
     expected = figures["tokens_per_s"] * per_token / 1e9
     assert figures["gb_read_per_s"] == pytest.approx(expected)
+    assert recomputing["gb_read_per_s"] is None  # no single figure: see generate_speed
     assert bench.copy_bandwidth(megabytes=8, repeats=2)["copy_gb_per_s"] > 0
 
 

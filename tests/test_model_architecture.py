@@ -92,6 +92,7 @@ def test_dropout_scales_the_kept_elements_and_their_gradients():
     y.backward(upstream)
     torch.testing.assert_close(x.grad, upstream * keep * scale)
     assert abs(keep.float().mean().item() - 0.8) < 0.01
+    assert not torch.equal(dropout(x, 0.2, training=True) != 0, keep)  # a new mask each time
     assert dropout(x, 0.2, training=False) is x
     assert dropout(x, 0.0, training=True) is x
 

@@ -62,25 +62,27 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_corpus, monk
         torch.testing.assert_close(accumulated[name], grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("per_pass", [3, 8])  # 3: passes of 3, 3 and 2 sequences
+@pytest.mark.parametrize("accumulation", [1, 2])
 def test_passes_of_a_few_sequences_give_the_whole_batch_gradient(
-    tmp_path, tiny_corpus, monkeypatch, per_pass
+    tmp_path, tiny_corpus, monkeypatch, accumulation
 ):
     big_x = torch.randint(0, 20, (8, 16))
     big_y = torch.randint(0, 20, (8, 16))
 
-    def gradients_and_loss(sequences_per_pass):
+    def gradients_and_loss(batch_size, accumulation, sequences_per_pass):
         run, state, _ = build_training(
             tiny_train_argv(
-                tmp_path / f"out{sequences_per_pass}",
+                tmp_path / f"out{accumulation}-{sequences_per_pass}",
                 tiny_corpus,
-                batch_size=8,
+                batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
                 sequences_per_pass=sequences_per_pass,
                 grad_clip=0,
             )
         )
         assert run.sequences_per_pass == sequences_per_pass
-        monkeypatch.setattr(train_model, "get_batch", lambda *args: (big_x, big_y))
+        chunks = iter(zip(big_x.split(batch_size), big_y.split(batch_size), strict=True))
+        monkeypatch.setattr(train_model, "get_batch", lambda *args: next(chunks))
         seen = []
         real_forward = run.compiled.forward
         run.compiled.forward = lambda x, y: seen.append(len(x)) or real_forward(x, y)
@@ -91,10 +93,11 @@ def test_passes_of_a_few_sequences_give_the_whole_batch_gradient(
         loss, _ = train_step(run, state)
         return captured, loss, seen
 
-    whole, whole_loss, whole_passes = gradients_and_loss(8)
-    split, split_loss, split_passes = gradients_and_loss(per_pass)
+    whole, whole_loss, whole_passes = gradients_and_loss(8, 1, 8)
+    batch_size = 8 // accumulation
+    split, split_loss, split_passes = gradients_and_loss(batch_size, accumulation, 3)
     assert whole_passes == [8]
-    assert split_passes == ([3, 3, 2] if per_pass == 3 else [8])
+    assert split_passes == ([3, 3, 2] if accumulation == 1 else [3, 1, 3, 1])
     torch.testing.assert_close(split_loss, whole_loss, atol=1e-6, rtol=1e-5)
     for name, grad in whole.items():
         torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-5)
@@ -125,6 +128,7 @@ def test_a_cpu_takes_passes_of_at_most_2048_tokens_and_a_gpu_the_whole_batch():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert sequences_per_pass(0, 64, 256, cpu) == 8  # nanoGPT's Shakespeare shape
     assert sequences_per_pass(0, 12, 64, cpu) == 12  # 768 tokens: one pass
+    assert sequences_per_pass(0, 12, 256, cpu) == 6  # two equal passes, not 8 + 4
     assert sequences_per_pass(0, 4, 4096, cpu) == 1  # a block longer than 2048: one sequence
     assert sequences_per_pass(0, 64, 256, cuda) == 64
     assert sequences_per_pass(5, 64, 256, cuda) == 5  # asked for: as asked
