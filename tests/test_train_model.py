@@ -33,38 +33,13 @@ def test_bits_per_char():
     assert bits_per_char(math.log(2), 0.25) == pytest.approx(0.25)  # 4 characters per token
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_corpus, monkeypatch):
-    big_x = torch.randint(0, 20, (8, 16))
-    big_y = torch.randint(0, 20, (8, 16))
-
-    def gradients_after_one_step(batch_size, accumulation):
-        run, state, _ = build_training(
-            tiny_train_argv(
-                tmp_path / f"out{accumulation}",
-                tiny_corpus,
-                batch_size=batch_size,
-                gradient_accumulation_steps=accumulation,
-                grad_clip=0,
-            )
-        )
-        chunks = iter(zip(big_x.split(batch_size), big_y.split(batch_size), strict=True))
-        monkeypatch.setattr(train_model, "get_batch", lambda *args: next(chunks))
-        captured = {}
-        run.optimizer.step = lambda: captured.update(
-            {n: p.grad.clone() for n, p in run.model.named_parameters()}
-        )
-        train_step(run, state)
-        return captured
-
-    one_batch = gradients_after_one_step(8, 1)
-    accumulated = gradients_after_one_step(4, 2)
-    for name, grad in one_batch.items():
-        torch.testing.assert_close(accumulated[name], grad, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_passes_of_a_few_sequences_give_the_whole_batch_gradient(
-    tmp_path, tiny_corpus, monkeypatch, accumulation
+@pytest.mark.parametrize(
+    ("accumulation", "per_pass", "passes"),
+    [(2, 4, [4, 4]), (1, 3, [3, 3, 2]), (2, 3, [3, 1, 3, 1])],
+    ids=["accumulation", "passes", "both"],
+)
+def test_accumulation_and_passes_give_the_whole_batch_gradient(
+    tmp_path, tiny_corpus, monkeypatch, accumulation, per_pass, passes
 ):
     big_x = torch.randint(0, 20, (8, 16))
     big_y = torch.randint(0, 20, (8, 16))
@@ -95,9 +70,9 @@ def test_passes_of_a_few_sequences_give_the_whole_batch_gradient(
 
     whole, whole_loss, whole_passes = gradients_and_loss(8, 1, 8)
     batch_size = 8 // accumulation
-    split, split_loss, split_passes = gradients_and_loss(batch_size, accumulation, 3)
+    split, split_loss, split_passes = gradients_and_loss(batch_size, accumulation, per_pass)
     assert whole_passes == [8]
-    assert split_passes == ([3, 3, 2] if accumulation == 1 else [3, 1, 3, 1])
+    assert split_passes == passes
     torch.testing.assert_close(split_loss, whole_loss, atol=1e-6, rtol=1e-5)
     for name, grad in whole.items():
         torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-5)
