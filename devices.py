@@ -105,9 +105,9 @@ def training_memory(config: ModelConfig, batch_size: int, sequences_per_pass: in
     weights = model_memory(config)
     T, C = config.block_size, config.n_embd
     # Per token and layer, about 16 floats of width C are kept (projections, GELU, norms; 6 x 384
-    # at batch 64 measured 3.3 GB), and unfused attention keeps T-wide rows for each head
-    # the logits and their gradient take a few floats per vocabulary entry.
-    # (also the fused path's own steps when there is dropout, on a CPU)
+    # at batch 64 measured 3.3 GB). Unfused attention (the manual path, and the fused path's own
+    # steps when there is dropout on a CPU) keeps T-wide rows for each head. The logits and
+    # their gradient take a few floats per vocabulary entry.
     unfused = config.attention == "manual" or config.dropout > 0
     attention = 3 * config.n_head * T if unfused else 0
     per_token = config.n_layer * (16 * C + attention) + 3 * config.vocab_size
