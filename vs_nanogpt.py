@@ -53,21 +53,15 @@ class TrainingCase:
         assert self.batch_size % self.nanogpt_passes == 0, "nanoGPT's passes must be equal"
 
 
-TRAINING_CASES = (
+TRAINING_CASES = (  # name, n_layer, n_head, n_embd, block_size, batch_size, dropout, steps
     TrainingCase("baby 4x128, block 64, batch 12, dropout 0", 4, 4, 128, 64, 12, 0.0, 400),
     TrainingCase("6x384, block 256, batch 64, dropout 0.2", 6, 6, 384, 256, 64, 0.2, 3),
-    TrainingCase(
-        "6x384, block 256, batch 64, dropout 0.2, nanoGPT in 8 passes of 8",
-        *(6, 6, 384, 256, 64, 0.2, 3),
-        nanogpt_passes=8,
-    ),
+    TrainingCase("6x384, block 256, batch 64, dropout 0.2, nanoGPT in 8 passes of 8",
+                 6, 6, 384, 256, 64, 0.2, 3, nanogpt_passes=8),
     TrainingCase("6x384, block 256, batch 64, dropout 0", 6, 6, 384, 256, 64, 0.0, 3),
-    TrainingCase(
-        "6x384, block 256, batch 64, dropout 0, nanoGPT in 8 passes of 8",
-        *(6, 6, 384, 256, 64, 0.0, 3),
-        nanogpt_passes=8,
-    ),
-)
+    TrainingCase("6x384, block 256, batch 64, dropout 0, nanoGPT in 8 passes of 8",
+                 6, 6, 384, 256, 64, 0.0, 3, nanogpt_passes=8),
+)  # fmt: skip
 # The model that generates: trained for a step or two (its weights do not change the speed).
 GENERATION_SHAPE = TrainingCase("6x384, block 256", 6, 6, 384, 256, 4, 0.0, 1)
 GENERATION_TOKENS, SHORT_GENERATION_TOKENS = 2000, 50
