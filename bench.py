@@ -135,29 +135,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_roof(size: int = 2048, repeats: int = 10) -> dict[str, float]:
-    """GFLOP/s of a large float32 matrix multiply, the median of several runs."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)  # warm up
+def median_seconds(work: Callable[[], object], repeats: int) -> float:
+    """The median time of `work`, after one untimed call (allocations, kernel choice)."""
+    work()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
+        work()
         seconds.append(time.perf_counter() - start)
-    return {"matmul_gflops": 2 * size**3 / statistics.median(seconds) / 1e9}
+    return statistics.median(seconds)
+
+
+def matmul_roof(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of a large float32 matrix multiply, the median of several runs."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return {"matmul_gflops": 2 * size**3 / median_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
     """GB/s of copying a tensor far larger than any cache: bytes read plus bytes written."""
     source = torch.randn(megabytes * 2**20 // 4)
-    target = torch.empty_like(source)
-    target.copy_(source)  # warm up: the pages exist before the clock starts
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        seconds.append(time.perf_counter() - start)
-    return {"copy_gb_per_s": 2 * source.numel() * 4 / statistics.median(seconds) / 1e9}
+    target = torch.empty_like(source)  # its pages exist after the untimed first copy
+    seconds = median_seconds(lambda: target.copy_(source), repeats)
+    return {"copy_gb_per_s": 2 * source.numel() * 4 / seconds / 1e9}
 
 
 def bytes_per_generated_token(model: GPT, cached_positions: float) -> float:

@@ -128,6 +128,13 @@ class Run:
         return sequences * self.model.config.block_size
 
 
+def in_passes(
+    x: torch.Tensor, y: torch.Tensor, size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A batch of inputs and targets (B, T), cut into passes of at most `size` sequences."""
+    return list(zip(x.split(size), y.split(size), strict=True))
+
+
 def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimizer step number state.step, over gradient_accumulation_steps micro-batches.
 
@@ -148,8 +155,7 @@ def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tens
             state.batch_generator,
             run.device,
         )
-        size = run.sequences_per_pass
-        passes = list(zip(x.split(size), y.split(size), strict=True))
+        passes = in_passes(x, y, run.sequences_per_pass)
         for pass_number, (pass_x, pass_y) in enumerate(passes):
             # Across processes, gradients are averaged once per step, after the last pass.
             last = (
@@ -192,8 +198,7 @@ def estimate_loss(run: Run) -> dict[str, float]:
             x, y = get_batch(
                 data, config.batch_size, run.model.config.block_size, generator, run.device
             )
-            size = run.sequences_per_pass  # as in training: cache-sized passes on a CPU
-            for pass_x, pass_y in zip(x.split(size), y.split(size), strict=True):
+            for pass_x, pass_y in in_passes(x, y, run.sequences_per_pass):  # as in training
                 with run.autocast:
                     _, loss = run.compiled(pass_x, pass_y)
                 total += loss.item() * pass_x.size(0) / x.size(0)
