@@ -20,11 +20,12 @@ is its own):
             defaults (with their optimizer, and with AdamW); the BPE defaults with the fitted
             and the full vocabulary; GPT-2 124M fine-tuning (--init_from's defaults) with both
   generate  new tokens/s from a 6 x 384 character model with block 256 for 1,000 and 2,000
-            tokens: with the key/value cache (float32 and bfloat16 weights) and with full
-            recomputation; and 500 cached float32 tokens from the BPE defaults' model and from
-            GPT-2 124M, each with both vocabularies; time to the first token; the bytes
-            read per second (every weight and the cache it attends to, once per token) and
-            their share of the bandwidth
+            tokens: with the key/value cache (float32, bfloat16 and int8 weights; float32 and
+            int8 also with the one-token step compiled, as generate_text.py --compile does,
+            compiled before timing) and with full recomputation; and 500 cached float32
+            tokens from the BPE defaults' model and from GPT-2 124M, each with both
+            vocabularies; time to the first token; the bytes read per second (every weight
+            and the cache it attends to, once per token) and their share of the bandwidth
   quality   wall time at which a run's validation loss first reached 2.0 ... 1.4 nats/char
 No figure here is asserted anywhere: this is a measuring tool, not a test.
 """
@@ -57,10 +58,11 @@ import vs_nanogpt
 from checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
 from common import UserFacingError, print_error
 from data_handling import load_splits
-from devices import sequences_per_pass
+from devices import compile_token_step, sequences_per_pass
 from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS, ModelConfig, TrainConfig
 from model_architecture import GPT, generate
 from optimization import make_optimizer
+from quantization import PRECISIONS, Int8Linear, to_precision
 from run_folder import RunFolder, latest_run
 from train_model import Run, train_step
 from training_log import bits_per_char, first_reached, nats_per_char, read_history
@@ -162,7 +164,9 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
 
 def bytes_per_generated_token(model: GPT, cached_positions: float) -> float:
     """What one cached step reads at least: every weight once, and the cache it attends to."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    tensors = [*model.parameters(), *(t for m in int8_layers for t in (m.weight, m.scale))]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
     c = model.config
     element = model.token_embedding.weight.element_size()
     cache = 2 * c.n_layer * c.n_embd * cached_positions * element  # keys and values
@@ -219,16 +223,27 @@ def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str,
     }
 
 
-def generate_speed(name: str, new_tokens: int, use_cache: bool, precision: str) -> dict[str, Any]:
-    """Generate from a random-weight model (speed does not depend on the weights)."""
+def generate_speed(name: str, new_tokens: int, mode: str, precision: str) -> dict[str, Any]:
+    """Generate from a random-weight model (speed does not depend on the weights).
+
+    mode: "cache" (the key/value cache), "compiled" (the cache, and the one-token step through
+    torch.compile, compiled before timing) or "recompute" (no cache).
+    """
     torch.manual_seed(0)
     config = GENERATE_MODELS[name]
-    model = GPT(config).eval().to(getattr(torch, precision))
+    model = to_precision(GPT(config), precision).eval()
     prompt = torch.randint(0, config.vocab_size, (16,)).tolist()
     generator = torch.Generator().manual_seed(0)
-    list(generate(model, prompt, 8, generator=generator, use_cache=use_cache))  # warm up
+    use_cache = mode != "recompute"
     start = time.perf_counter()
-    stream = generate(model, prompt, new_tokens, generator=generator, use_cache=use_cache)
+    token_step = compile_token_step(model) if mode == "compiled" else None
+    compile_s = time.perf_counter() - start
+    if mode == "compiled" and token_step is None:
+        raise RuntimeError("torch.compile failed here: no compiled figures")
+    options = {"generator": generator, "use_cache": use_cache, "token_step": token_step}
+    list(generate(model, prompt, 8, **options))  # warm up
+    start = time.perf_counter()
+    stream = generate(model, prompt, new_tokens, **options)
     next(stream)
     first_token_s = time.perf_counter() - start
     count = 1 + sum(1 for _ in stream)
@@ -242,6 +257,7 @@ def generate_speed(name: str, new_tokens: int, use_cache: bool, precision: str) 
         "gb_read_per_s": count / total_s * read / 1e9 if read is not None else None,
         "seconds": total_s,
         "first_token_ms": first_token_s * 1000,
+        "compile_s": compile_s if mode == "compiled" else None,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -322,7 +338,7 @@ def case_main(case: list[str]) -> dict[str, Any]:
         return {**matmul_roof(), **copy_bandwidth()}
     if kind == "train":
         return train_speed(args[0], steps=int(args[1]), compile_model=args[2] == "compile")
-    return generate_speed(args[0], int(args[1]), use_cache=args[2] == "cache", precision=args[3])
+    return generate_speed(args[0], int(args[1]), mode=args[2], precision=args[3])
 
 
 def print_report(results: dict[str, Any]) -> None:
@@ -348,9 +364,10 @@ def print_report(results: dict[str, Any]) -> None:
                 f" ({row['gb_read_per_s'] / bandwidth:.0%} of the bandwidth)" if bandwidth else ""
             )
             reads = f", reads {row['gb_read_per_s']:.1f} GB/s{share}"
+        compiling = f", compiled first in {row['compile_s']:.1f} s" if row.get("compile_s") else ""
         print(
             f"generate {name}: {row['tokens_per_s']:,.1f} tokens/s ({row['seconds']:.1f} s), "
-            f"first token {row['first_token_ms']:.1f} ms{reads}, "
+            f"first token {row['first_token_ms']:.1f} ms{reads}{compiling}, "
             f"peak RSS {row['peak_rss_mb']:,.0f} MB"
         )
     for name, value in results.get("full_validation", {}).items():
@@ -394,9 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision",
-        choices=["float32", "bfloat16"],
+        choices=PRECISIONS,
         default="float32",
-        help="--full_val's weights: float32, or bfloat16 as generate_text.py can use",
+        help="--full_val's weights, as generate_text.py --precision takes them",
     )
     parser.add_argument(
         "--threads",
@@ -449,7 +466,14 @@ def measure_training(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure_generation(threads: int) -> dict[str, Any]:
     """Generation figures (see GENERATE_MODELS), each case in its own process."""
-    cases = [("cache", "float32"), ("cache", "bfloat16"), ("recompute", "float32")]
+    cases = [
+        ("cache", "float32"),
+        ("compiled", "float32"),
+        ("cache", "bfloat16"),
+        ("cache", "int8"),
+        ("compiled", "int8"),
+        ("recompute", "float32"),
+    ]
     figures = {
         f"6x384 chars, {n} tokens, {mode}, {precision}": run_case(
             ["generate", "6x384 chars", str(n), mode, precision], threads

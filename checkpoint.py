@@ -36,6 +36,7 @@ from devices import model_memory, require_memory
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer
+from quantization import to_precision
 from tokenization import Tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 1
@@ -258,8 +259,7 @@ def model_from_checkpoint(
 ) -> tuple[GPT, Tokenizer]:
     """Rebuild the model (in eval mode, on `device`) and its tokenizer from a checkpoint alone.
 
-    precision "bfloat16" halves the weights' size (generating a token reads every weight once);
-    on a CPU without bfloat16 arithmetic it generates more slowly all the same.
+    precision: "float32", "bfloat16" or "int8" (see quantization.py).
     """
     model_config = saved_model_config(checkpoint)
     tokenizer = saved_tokenizer(checkpoint)
@@ -290,7 +290,7 @@ def model_from_checkpoint(
         details = str(err).strip().splitlines()
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
-    return model.to(device, getattr(torch, precision)).eval(), tokenizer
+    return to_precision(model.to(device), precision).eval(), tokenizer
 
 
 def restore_training_state(

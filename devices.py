@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common import UserFacingError, first_line
 from hyperparameters import ModelConfig, TrainConfig
+from model_architecture import GPT, KVCache
 
 FLOAT_BYTES = 4  # weights, gradients and activations are float32 (autocast keeps a copy)
 
@@ -266,6 +267,35 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, example: torch.Tensor) 
     except Exception as err:  # any compiler failure: the eager model still works
         print(f"warning: torch.compile failed ({first_line(err):.100}); running uncompiled")
         return model
+
+
+def compile_token_step(model: GPT) -> torch.nn.Module | None:
+    """The model compiled for generation's cached one-token steps; None if that fails here.
+
+    A one-token step does little arithmetic but runs hundreds of small operations, so the cost
+    of calling each one dominates; compiled, they become a few generated kernels called from
+    C++ (cpp_wrapper). The cache has one fixed shape and dynamic=True makes the position a
+    symbol, so one graph serves every position. Compiling happens here, on a scratch cache, so
+    that a failure shows before any text, and generation goes on uncompiled.
+    """
+    if model.config.block_size < 2:
+        return None  # every step recomputes its window: there are no one-token steps
+    compiled = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
+    weight = model.token_embedding.weight
+    try:
+        # Inference mode, as in generate: the graph is for its tensors (made in that mode).
+        with torch.inference_mode():
+            cache = KVCache(model.config, 1, weight.device, weight.dtype)
+            token = torch.zeros(1, 1, dtype=torch.long, device=weight.device)
+            model(token, cache=cache)  # position 0, as a prompt goes: uncompiled
+            compiled(token, cache=cache)  # position 1: compiles the one-token step
+    except Exception as err:  # any compiler failure: the eager model still works
+        print(
+            f"warning: torch.compile failed ({first_line(err):.100}); generating uncompiled",
+            file=sys.stderr,
+        )
+        return None
+    return compiled
 
 
 def wrap_model(

@@ -27,7 +27,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserFacingError, print_error
-from devices import resolve_device
+from devices import compile_token_step, resolve_device
 from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
 from model_architecture import GPT, generate
 from run_folder import checkpoint_to_sample
@@ -76,6 +76,7 @@ def write_sample(
     prompt_ids: list[int],
     config: SampleConfig,
     generator: torch.Generator,
+    token_step: torch.nn.Module | None = None,
 ) -> None:
     """Write the prompt, then each new piece of text as soon as it is generated."""
     sys.stdout.write(shown(tokenizer.decode(prompt_ids)))
@@ -88,6 +89,7 @@ def write_sample(
         top_p=config.top_p,
         generator=generator,
         use_cache=config.use_cache,
+        token_step=token_step,
     )
     for piece in stream_decode(tokenizer, new_ids):
         sys.stdout.write(shown(piece))
@@ -116,10 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(errors="backslashreplace")
     generator = torch.Generator(device=device).manual_seed(train_config.seed)
     try:
+        token_step = None
+        if sample_config.compile:
+            print(f"{PROG}: compiling the model (torch.compile)...", file=sys.stderr, flush=True)
+            token_step = compile_token_step(model)
         for sample in range(sample_config.num_samples):
             if sample > 0:
                 sys.stdout.write(SAMPLE_SEPARATOR)
-            write_sample(model, tokenizer, prompt_ids, sample_config, generator)
+            write_sample(model, tokenizer, prompt_ids, sample_config, generator, token_step)
         sys.stdout.write("\n")
         sys.stdout.flush()
     except KeyboardInterrupt:

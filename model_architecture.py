@@ -19,7 +19,7 @@ final_norm = ln_f.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -101,9 +101,9 @@ class Dropout(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Attention: the reference written out step by step, and the fused fast path.
-# Both take q of shape (B, nh, Tq, hs), k and v of shape (B, nh, Tk, hs) with Tk >= Tq (the
-# queries are the last Tq of the Tk positions), and a boolean mask (Tq, Tk) that is True where
-# a query may look at a key. Both return (B, nh, Tq, hs).
+# Both take q of shape (B, nh, Tq, hs), k and v of shape (B, nh, Tk, hs) with Tk >= Tq, and a
+# boolean mask (Tq, Tk) that is True where a query may look at a key. Both return
+# (B, nh, Tq, hs).
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,8 @@ def causal_attention_sdpa(
         weights = F.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
         return dropout(weights, dropout_p, training=True) @ v  # (B, nh, Tq, hs)
     if q.size(-2) == k.size(-2):
-        # is_causal aligns its triangle to the top-left, which is only right when Tq == Tk.
+        # is_causal aligns its triangle to the top-left, which is only right when Tq == Tk
+        # (queries and keys at the same positions, as in training).
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
@@ -186,12 +187,17 @@ class LayerCache:
     def store(
         self, k: torch.Tensor, v: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep k, v (B, nh, T, hs) of positions start..; return all so far (B, nh, start+T, hs)."""
+        """Keep k, v (B, nh, T, hs) of positions start..; return the whole buffers.
+
+        The buffers' slots after the new positions are empty (or left from an earlier window):
+        the causal mask hides them, as they lie in every new query's future. Returning buffers
+        of one fixed shape lets torch.compile build a single graph for every position.
+        """
         end = start + k.size(2)
         assert end <= self.keys.size(2), f"cache overflow: {end} > {self.keys.size(2)}"
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys, self.values  # (B, nh, block_size, hs) each
 
 
 class KVCache:
@@ -263,10 +269,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.queries_keys_values(x, start)  # 3 x (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.store(k, v, start)  # (B, nh, Tk, hs): every position so far
-        Tk = k.size(2)
-        # The new queries are the last T of the Tk positions: rows Tk-T..Tk-1 of the triangle.
-        mask = self.causal_mask[Tk - T : Tk, :Tk]  # (T, Tk)
+            k, v = cache.store(k, v, start)  # (B, nh, Tk, hs): Tk = block_size slots
+        # The new queries sit at positions start..start+T-1: those rows of the triangle, where
+        # the query at position p sees keys 0..p.
+        mask = self.causal_mask[start : start + T, : k.size(2)]  # (T, Tk)
         dropout_p = self.dropout if self.training else 0.0  # evaluation must be deterministic
         y = self.attend(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge heads: (B, T, nh * hs)
@@ -474,6 +480,7 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    token_step: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> Iterator[int]:
     """Continue the prompt, yielding each new token id as soon as it is chosen.
 
@@ -486,9 +493,12 @@ def generate(
         top_p: keep the smallest set of tokens whose probability reaches top_p (1 keeps all).
         generator: the random source for sampling, for reproducible text.
         use_cache: reuse keys and values of earlier positions (same tokens, less compute).
+        token_step: what runs the cached one-token steps, e.g. the model compiled for them
+            (devices.compile_token_step); the model itself if None.
     """
     assert len(prompt_ids) > 0, "generate needs at least one prompt token"
     block_size = model.config.block_size
+    token_step = model if token_step is None else token_step
     weight = model.token_embedding.weight
     cache = KVCache(model.config, 1, weight.device, weight.dtype) if use_cache else None
     tokens = list(prompt_ids)
@@ -502,7 +512,7 @@ def generate(
         window_start = context_start(len(tokens), first, block_size)
         if cache is not None and window_start == start:
             # Only the new token goes through the model; earlier keys/values are reused.
-            logits, _ = model(torch.tensor([[next_id]], device=weight.device), cache=cache)
+            logits, _ = token_step(torch.tensor([[next_id]], device=weight.device), cache=cache)
         else:
             # The window moved (or there is no cache): run the whole window again. With a
             # cache this happens once every block_size // 2 tokens.

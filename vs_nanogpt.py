@@ -3,9 +3,10 @@
 Given a nanoGPT checkout that you provide (nothing of it is part of this project), each case
 runs nanoGPT's own train.py or sample.py and this project's train_model.py or generate_text.py
 as whole processes, alternating A B A B, on the same work: the same corpus (characters), shape,
-dropout, batch and number of steps, float32 on the CPU, no torch.compile, both with AdamW and
-learned positions. nanoGPT's scripts run from a scratch copy (a temporary folder), never in the
-checkout itself.
+dropout, batch and number of steps, float32 on the CPU, both with AdamW and learned positions.
+Training runs without torch.compile. Generation runs without it and with it, and this project
+also with int8 weights (GENERATION_CASES); nanoGPT always samples in float32.
+nanoGPT's scripts run from a scratch copy (a temporary folder), never in the checkout itself.
 
 Every figure is a whole process's wall time and peak memory (its maximum resident set size).
 Start-up (importing torch, reading the data, building the model) is taken out by running each
@@ -65,6 +66,27 @@ TRAINING_CASES = (  # name, n_layer, n_head, n_embd, block_size, batch_size, dro
 # The model that generates: trained for a step or two (its weights do not change the speed).
 GENERATION_SHAPE = TrainingCase("6x384, block 256", 6, 6, 384, 256, 4, 0.0, 1)
 GENERATION_TOKENS, SHORT_GENERATION_TOKENS = 2000, 50
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationCase:
+    """Our weights' precision, and whether each project samples through torch.compile.
+
+    nanoGPT samples in float32 (it has no int8) and, by default, uncompiled.
+    """
+
+    name: str
+    our_precision: str
+    our_compile: bool
+    nanogpt_compile: bool
+
+
+GENERATION_CASES = (  # name, our_precision, our_compile, nanogpt_compile
+    GenerationCase("float32", "float32", False, False),
+    GenerationCase("float32, ours with --compile", "float32", True, False),
+    GenerationCase("ours in int8 with --compile, nanoGPT float32", "int8", True, False),
+    GenerationCase("ours in int8, both with torch.compile", "int8", True, True),
+)  # fmt: skip
 
 
 def run_measured(command: list[str], cwd: Path) -> tuple[float, float]:
@@ -135,20 +157,23 @@ def our_training(case: TrainingCase, steps: int, out_dir: Path, corpus: Path) ->
     ]  # fmt: skip
 
 
-def nanogpt_sampling(out_dir: Path, tokens: int) -> list[str]:
+def nanogpt_sampling(out_dir: Path, tokens: int, compile_model: bool = False) -> list[str]:
     """The command line of nanoGPT's sample.py: one sample of `tokens` new characters."""
     return [
         sys.executable, "sample.py", f"--out_dir={out_dir}", "--device=cpu",
-        "--dtype=float32", "--compile=False", "--num_samples=1",
+        "--dtype=float32", f"--compile={compile_model}", "--num_samples=1",
         f"--max_new_tokens={tokens}",
     ]  # fmt: skip
 
 
-def our_sampling(out_dir: Path, tokens: int) -> list[str]:
-    """generate_text.py, the same: one sample, float32, the key/value cache (the default)."""
+def our_sampling(
+    out_dir: Path, tokens: int, compile_model: bool = False, precision: str = "float32"
+) -> list[str]:
+    """generate_text.py, the same: one sample, with the key/value cache (the default)."""
     return [
         sys.executable, str(PROJECT_ROOT / "generate_text.py"), f"--out_dir={out_dir}",
-        "--device=cpu", "--precision=float32", f"--max_new_tokens={tokens}",
+        "--device=cpu", f"--precision={precision}", f"--max_new_tokens={tokens}",
+        f"--compile={compile_model}",
     ]  # fmt: skip
 
 
@@ -184,22 +209,39 @@ def compare_training(
     return summarise(runs, tokens=case.batch_size * case.block_size, unit="step")
 
 
-def compare_generation(nanogpt: Path, corpus: Path, workdir: Path, pairs: int) -> dict[str, Any]:
-    """Each project's 6x384 model (one training step) writes GENERATION_TOKENS characters."""
+def generation_models(nanogpt: Path, corpus: Path, workdir: Path) -> tuple[Path, Path]:
+    """Each project's 6x384 model, trained for one step: nanoGPT's out_dir, then ours."""
     shape = GENERATION_SHAPE
     nanogpt_model, our_model = workdir / "nanogpt-model", workdir / "our-model"
     run_measured(nanogpt_training(shape, 2, nanogpt_model), nanogpt)  # saves ckpt.pt at step 1
     run_measured(our_training(shape, 1, our_model, corpus), workdir)
+    return nanogpt_model, our_model
+
+
+def compare_generation(
+    case: GenerationCase, nanogpt: Path, models: tuple[Path, Path], workdir: Path, pairs: int
+) -> dict[str, Any]:
+    """Each project's model writes GENERATION_TOKENS characters; medians over the pairs.
+
+    Compiling happens in the short and the long run alike, so the per-token time leaves it out.
+    A first, unmeasured short run fills torch.compile's on-disk cache, so that every measured
+    run finds it filled.
+    """
+    nanogpt_model, our_model = models
+
+    def command(who: str, tokens: int) -> tuple[list[str], Path]:
+        if who == "nanogpt":
+            return nanogpt_sampling(nanogpt_model, tokens, case.nanogpt_compile), nanogpt
+        return our_sampling(our_model, tokens, case.our_compile, case.our_precision), workdir
+
+    for who in ("nanogpt", "ours"):
+        run_measured(*command(who, SHORT_GENERATION_TOKENS))
     runs: dict[str, list[dict[str, float]]] = {"nanogpt": [], "ours": []}
     for _ in range(pairs):
         for who in ("nanogpt", "ours"):
             times = []
             for tokens in (SHORT_GENERATION_TOKENS, GENERATION_TOKENS):
-                if who == "nanogpt":
-                    command, cwd = nanogpt_sampling(nanogpt_model, tokens), nanogpt
-                else:
-                    command, cwd = our_sampling(our_model, tokens), workdir
-                times.append(run_measured(command, cwd))
+                times.append(run_measured(*command(who, tokens)))
             short, long = times
             extra = GENERATION_TOKENS - SHORT_GENERATION_TOKENS
             runs[who].append(
@@ -242,12 +284,24 @@ def compare(checkout: Path, corpus: Path, pairs: int) -> dict[str, Any]:
                     our_training(case, case.steps, Path("OUT"), Path("input.txt"))
                 ),
             }
-        print(f"generation: {GENERATION_TOKENS} characters, {pairs} pairs ...", flush=True)
-        results[f"generation, {GENERATION_SHAPE.name}"] = {
-            **compare_generation(nanogpt, corpus.resolve(), workdir, pairs),
-            "nanogpt_command": shown(nanogpt_sampling(Path("OUT"), GENERATION_TOKENS)),
-            "our_command": shown(our_sampling(Path("OUT"), GENERATION_TOKENS)),
-        }
+        models = generation_models(nanogpt, corpus.resolve(), workdir)
+        for generation in GENERATION_CASES:
+            name = f"generation, {GENERATION_SHAPE.name}, {GENERATION_TOKENS} characters, "
+            print(f"{name}{generation.name}, {pairs} pairs ...", flush=True)
+            results[name + generation.name] = {
+                **compare_generation(generation, nanogpt, models, workdir, pairs),
+                "nanogpt_command": shown(
+                    nanogpt_sampling(Path("OUT"), GENERATION_TOKENS, generation.nanogpt_compile)
+                ),
+                "our_command": shown(
+                    our_sampling(
+                        Path("OUT"),
+                        GENERATION_TOKENS,
+                        generation.our_compile,
+                        generation.our_precision,
+                    )
+                ),
+            }
     return results
 
 

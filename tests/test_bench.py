@@ -59,8 +59,8 @@ def test_a_generation_case_reports_the_bytes_it_reads_per_second():
     tiny = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10)
     bench.GENERATE_MODELS["tiny"] = tiny
     try:
-        figures = bench.generate_speed("tiny", 20, use_cache=True, precision="float32")
-        recomputing = bench.generate_speed("tiny", 20, use_cache=False, precision="float32")
+        figures = bench.generate_speed("tiny", 20, mode="cache", precision="float32")
+        recomputing = bench.generate_speed("tiny", 20, mode="recompute", precision="float32")
     finally:
         del bench.GENERATE_MODELS["tiny"]
     per_token = bench.bytes_per_generated_token(GPT(tiny), 0.75 * 8)

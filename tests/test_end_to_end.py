@@ -137,6 +137,17 @@ def test_generation_is_reproducible_and_needs_only_the_checkpoint(trained, tmp_p
     assert other_seed.stdout != first.stdout
 
 
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_compiled_generation_writes_the_same_text(trained, tmp_path, precision):
+    args = ["--prompt=All:", "--max_new_tokens=80", f"--precision={precision}"]
+    args += ["--seed=3", f"--out_dir={latest_run(trained)}"]
+    compiled = run_script(GENERATE, *args, "--compile", cwd=tmp_path)
+    assert compiled.returncode == 0, compiled.stderr
+    assert "compiling the model" in compiled.stderr
+    assert "torch.compile failed" not in compiled.stderr
+    assert compiled.stdout == run_script(GENERATE, *args, cwd=tmp_path).stdout
+
+
 def test_generation_in_bfloat16_is_reproducible(trained, tmp_path):
     args = ["--prompt=All:", "--max_new_tokens=60", "--precision=bfloat16"]
     first = run_script(GENERATE, *args, f"--out_dir={latest_run(trained)}", cwd=tmp_path)

@@ -5,13 +5,23 @@ Run alone: python -m pytest tests/test_generation.py
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
 import pytest
 import torch
 
-from model_architecture import GPT, generate, sample_next, top_k_filter, top_p_filter
+from devices import compile_token_step
+from model_architecture import (
+    GPT,
+    KVCache,
+    generate,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
+from quantization import to_precision
 
 
 @pytest.fixture
@@ -148,3 +158,42 @@ def test_bfloat16_weights_give_close_logits_and_valid_tokens(model):
     tokens = generate_list(half, [1, 2, 3], 40)  # past block_size: the cache is bfloat16 too
     assert len(tokens) == 40
     assert all(0 <= t < 40 for t in tokens)
+
+
+@pytest.mark.parametrize(
+    ("position", "precision"), [("rope", "float32"), ("learned", "float32"), ("rope", "int8")]
+)
+def test_the_compiled_token_step_gives_the_tokens_of_the_model(
+    tiny_model_config, position, precision
+):
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(tiny_model_config, position=position))
+    model = to_precision(model, precision).eval()
+    token_step = compile_token_step(model)
+    assert token_step is not None
+    # A one-token prompt and 40 new tokens: every position of the block, and window moves.
+    eager = generate_list(model, [1], 40, temperature=1.0)
+    with torch.compiler.set_stance("fail_on_recompile"):  # one graph serves every position
+        compiled = generate_list(model, [1], 40, temperature=1.0, token_step=token_step)
+    assert compiled == eager
+    with torch.inference_mode():  # what the compiled step computes is the model's forward
+        cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        token = torch.tensor([[4]])
+        expected, _ = model(token, cache=copy.deepcopy(cache))
+        logits, _ = token_step(token, cache=cache)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_failing_compiler_means_generating_uncompiled(model, monkeypatch, capsys):
+    def broken_compile(module, **options):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert compile_token_step(model) is None
+    assert "torch.compile failed (no C++ compiler found); generating uncompiled" in (
+        capsys.readouterr().err
+    )

@@ -205,6 +205,21 @@ def test_cached_forward_matches_full_forward(tiny_model_config, attention, posit
     assert cache.length == 12
 
 
+def test_cached_forward_ignores_what_the_cache_slots_after_it_hold(tiny_model_config):
+    # After the context window moves, the buffers still hold the old window's keys and values
+    # beyond the new positions: the causal mask must hide them.
+    model = build(tiny_model_config).eval()
+    idx = torch.randint(0, 40, (1, 9))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
+    for layer in cache.layers:
+        layer.keys.normal_(std=100.0)
+        layer.values.normal_(std=100.0)
+    first, _ = model(idx[:, :4], cache=cache)
+    rest = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=0)
+
+
 def test_too_long_input_is_an_internal_error(tiny_model_config):
     model = build(tiny_model_config)
     with pytest.raises(AssertionError, match="exceeds block_size"):

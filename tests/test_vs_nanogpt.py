@@ -11,6 +11,7 @@ import pytest
 
 import vs_nanogpt
 from common import UserFacingError
+from hyperparameters import SampleConfig, build_parser, parse_configs
 
 STAND_IN = """import json, sys
 with open("calls.jsonl", "a") as f:
@@ -93,3 +94,20 @@ def test_a_chatty_command_does_not_block_on_its_error_output(tmp_path):
     seconds, peak_mb = vs_nanogpt.run_measured(command, tmp_path)
     assert seconds < 60
     assert peak_mb > 0
+
+
+@pytest.mark.parametrize("case", vs_nanogpt.GENERATION_CASES, ids=lambda case: case.name)
+def test_each_generation_case_compiles_whom_it_names(case):
+    theirs = vs_nanogpt.nanogpt_sampling(Path("out"), 2000, case.nanogpt_compile)
+    ours = vs_nanogpt.our_sampling(Path("out"), 2000, case.our_compile, case.our_precision)
+    assert f"--compile={case.nanogpt_compile}" in theirs
+    assert f"--compile={case.our_compile}" in ours
+    assert "--dtype=float32" in theirs
+    assert f"--precision={case.our_precision}" in ours
+    assert "--max_new_tokens=2000" in theirs
+    assert "--max_new_tokens=2000" in ours
+    parser = build_parser("", [(SampleConfig, None)])
+    options = [a for a in ours if a.startswith(("--compile", "--precision"))]
+    (config,), _ = parse_configs(parser, [SampleConfig], options)
+    assert config.compile is case.our_compile
+    assert config.precision == case.our_precision

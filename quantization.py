@@ -1,0 +1,77 @@
+"""Number types for generation: float32, bfloat16, or int8 weights in the blocks' linear layers.
+
+    python generate_text.py --precision int8 --compile     # the fastest generation on a CPU
+
+Generating one token reads every weight once and does little arithmetic with each, so the
+bytes of the weights bound its speed. int8 stores a weight in a quarter of float32's bytes:
+
+    w[row, :] ~ scale[row] * q[row, :],   q in -127..127,   scale[row] = max |w[row, :]| / 127
+
+one scale per output row (symmetric, rounded to the nearest step). On a CPU, PyTorch's int8
+weight-only kernel multiplies bfloat16 inputs by the int8 weight; elsewhere (and for widths
+the kernel does not take) the weight is expanded back to the input's type first: correct, not
+faster. Only the blocks' linear layers
+are stored so: the token embedding, which the output layer shares, and the norms keep float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_architecture import GPT
+
+PRECISIONS = ("float32", "bfloat16", "int8")
+# PyTorch's CPU kernel takes input widths that are multiples of 16; with torch 2.13 other
+# widths crash the process, so those layers take the portable path.
+KERNEL_WIDTH_MULTIPLE = 16
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is int8 with one float32 scale per output row."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()  # (out, in)
+        scale = weight.abs().amax(dim=1) / 127  # (out,): each row's largest |w| becomes 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a row of zeros stays 0
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+        # The kernel's own scales are bfloat16, which would round each row's scale; it gets
+        # ones instead, and the exact float32 scales are applied to its output.
+        self.register_buffer("unit_scale", torch.ones_like(scale, dtype=torch.bfloat16))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out), as the float layer would compute it, up to rounding."""
+        if x.device.type == "cpu" and x.size(-1) % KERNEL_WIDTH_MULTIPLE == 0:
+            rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (N, in)
+            products = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.unit_scale)
+            y = products.view(*x.shape[:-1], -1).to(x.dtype) * self.scale  # (..., out)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        """Shown in print(model)."""
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}, int8"
+
+
+def to_int8(model: GPT) -> GPT:
+    """Replace every linear layer inside the blocks by an Int8Linear, in place."""
+    for block in model.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+    return model
+
+
+def to_precision(model: GPT, precision: str) -> GPT:
+    """The model with its weights in `precision`: "float32", "bfloat16" or "int8"."""
+    assert precision in PRECISIONS, f"unknown precision {precision!r}"
+    if precision == "int8":
+        return to_int8(model.float())
+    return model.to(getattr(torch, precision))

@@ -1,0 +1,73 @@
+"""int8 weights for generation: close to float32, and a model that still generates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from model_architecture import GPT, generate
+from quantization import Int8Linear, to_precision
+
+
+@pytest.mark.parametrize("in_features", [32, 20])  # the CPU kernel's width, and another
+@pytest.mark.parametrize("bias", [False, True])
+def test_an_int8_layer_computes_what_the_float_layer_does_up_to_rounding(in_features, bias):
+    linear = nn.Linear(in_features, 24, bias=bias)
+    int8 = Int8Linear(linear)
+    x = torch.randn(3, 5, in_features)
+    expected, got = linear(x), int8(x)
+    assert got.shape == expected.shape
+    assert got.dtype == torch.float32
+    # int8 steps are 1/254 of a row's range; bfloat16 inputs add about as much again.
+    assert (got - expected).norm() / expected.norm() < 0.01
+    assert not torch.equal(got, expected)  # it did round
+
+
+def test_each_row_is_stored_as_int8_steps_of_its_own_scale():
+    linear = nn.Linear(16, 3, bias=False)
+    with torch.no_grad():
+        linear.weight[1] = 0.0  # a row of zeros
+        linear.weight[2, 5] = -4.0  # a row with one large weight
+    int8 = Int8Linear(linear)
+    assert int8.weight.dtype == torch.int8
+    assert int8.weight.abs().max() == 127
+    assert torch.equal(int8.weight[1], torch.zeros(16, dtype=torch.int8))
+    assert int8.weight[2, 5] == -127
+    assert int8.scale[2] == pytest.approx(4.0 / 127)
+    dequantized = int8.weight.float() * int8.scale[:, None]
+    assert (dequantized - linear.weight).abs().max() <= int8.scale.max() / 2 + 1e-7
+
+
+def test_an_int8_model_keeps_its_embedding_and_norms_in_float32(tiny_model_config):
+    model = to_precision(GPT(tiny_model_config), "int8")
+    int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(int8_layers) == 4 * tiny_model_config.n_layer  # q/k/v, out, and the MLP's two
+    assert not any(isinstance(m, nn.Linear) for m in model.blocks.modules())
+    assert model.token_embedding.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.token_embedding.weight  # still tied
+    assert model.final_norm.weight.dtype == torch.float32
+
+
+def test_an_int8_model_gives_close_logits_and_generates(tiny_model_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config).eval()
+    int8 = GPT(tiny_model_config)
+    int8.load_state_dict(model.state_dict())
+    int8 = to_precision(int8, "int8").eval()
+    idx = torch.randint(0, 40, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(int8(idx)[0], model(idx)[0], atol=0.02, rtol=0)
+    generator = torch.Generator().manual_seed(0)
+    tokens = list(generate(int8, [1, 2, 3], 40, generator=generator))  # the window moves
+    assert len(tokens) == 40
+    assert all(0 <= t < 40 for t in tokens)
+    generator = torch.Generator().manual_seed(0)
+    uncached = list(generate(int8, [1, 2, 3], 40, generator=generator, use_cache=False))
+    assert tokens == uncached
+
+
+def test_float_precisions_only_change_the_number_type(tiny_model_config):
+    model = to_precision(GPT(tiny_model_config), "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
