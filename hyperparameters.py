@@ -196,7 +196,7 @@ class SampleConfig:
     compile: bool = setting(
         False,
         "torch.compile the one-token step: about 20 s on a 2-core CPU (a few s once cached), "
-        "then each token about 1.4x faster; pays off from a few thousand tokens",
+        "then each token about 1.5x faster; pays off from a few thousand tokens",
     )
     precision: Literal["float32", "bfloat16", "int8"] = setting(
         "float32",
