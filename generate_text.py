@@ -99,7 +99,7 @@ def write_sample(
 def main(argv: list[str] | None = None) -> int:
     """Generate from the command line; returns the exit status."""
     parser = build_parser(
-        __doc__, [(SampleConfig, None), (TrainConfig, ["out_dir", "device", "seed"])]
+        __doc__, [(SampleConfig, None), (TrainConfig, ["out_dir", "device", "seed", "compile"])]
     )
     try:
         (sample_config, train_config), given = parse_configs(
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if sys.stdout is None:
             raise UserFacingError("the output is closed: nowhere to write the text")
+        if train_config.compile and not sample_config.use_cache:
+            raise UserFacingError("--compile needs --use_cache: it compiles the one-token step")
         device = resolve_device(train_config.device)
         checkpoint = load_checkpoint(checkpoint_to_sample(sample_config.ckpt, train_config.out_dir))
         model, tokenizer = model_from_checkpoint(checkpoint, device, sample_config.precision)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator(device=device).manual_seed(train_config.seed)
     try:
         token_step = None
-        if sample_config.compile:
+        if train_config.compile:
             print(f"{PROG}: compiling the model (torch.compile)...", file=sys.stderr, flush=True)
             token_step = compile_token_step(model)
         for sample in range(sample_config.num_samples):

@@ -332,7 +332,7 @@ SAMPLING_CASES = [
     ("prompt file is a pipe", ["--prompt_file={tmp}/pipe"], "not a regular file"),
     ("a lone surrogate", ["--prompt=\udcff"], "not a character"),
     ("top_p of 0", ["--top_p=0"], "top_p must be in"),
-    ("compile without the cache", ["--compile", "--use_cache=false"], "compile needs use_cache"),
+    ("compile, no cache", ["--compile", "--use_cache=false"], "--compile needs --use_cache"),
 ]
 
 

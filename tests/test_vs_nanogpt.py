@@ -11,7 +11,7 @@ import pytest
 
 import vs_nanogpt
 from common import UserFacingError
-from hyperparameters import SampleConfig, build_parser, parse_configs
+from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
 
 STAND_IN = """import json, sys
 with open("calls.jsonl", "a") as f:
@@ -106,8 +106,8 @@ def test_each_generation_case_compiles_whom_it_names(case):
     assert f"--precision={case.our_precision}" in ours
     assert "--max_new_tokens=2000" in theirs
     assert "--max_new_tokens=2000" in ours
-    parser = build_parser("", [(SampleConfig, None)])
+    parser = build_parser("", [(SampleConfig, ["precision"]), (TrainConfig, ["compile"])])
     options = [a for a in ours if a.startswith(("--compile", "--precision"))]
-    (config,), _ = parse_configs(parser, [SampleConfig], options)
-    assert config.compile is case.our_compile
-    assert config.precision == case.our_precision
+    (sampling, training), _ = parse_configs(parser, [SampleConfig, TrainConfig], options)
+    assert training.compile is case.our_compile
+    assert sampling.precision == case.our_precision
