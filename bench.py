@@ -164,9 +164,8 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
 
 def bytes_per_generated_token(model: GPT, cached_positions: float) -> float:
     """What one cached step reads at least: every weight once, and the cache it attends to."""
-    int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    tensors = [*model.parameters(), *(t for m in int8_layers for t in (m.weight, m.scale))]
-    weights = sum(t.numel() * t.element_size() for t in tensors)
+    scales = [m.scale for m in model.modules() if isinstance(m, Int8Linear)]
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *scales])
     c = model.config
     element = model.token_embedding.weight.element_size()
     cache = 2 * c.n_layer * c.n_embd * cached_positions * element  # keys and values

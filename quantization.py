@@ -36,7 +36,9 @@ class Int8Linear(nn.Module):
         weight = linear.weight.detach().float()  # (out, in)
         scale = weight.abs().amax(dim=1) / 127  # (out,): each row's largest |w| becomes 127
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a row of zeros stays 0
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+        # A parameter (never trained) so that the model still counts its weights.
+        int8 = torch.round(weight / scale[:, None]).to(torch.int8)
+        self.weight = nn.Parameter(int8, requires_grad=False)
         self.register_buffer("scale", scale)
         # The kernel's own scales are bfloat16, which would round each row's scale; it gets
         # ones instead, and the exact float32 scales are applied to its output.

@@ -15,6 +15,7 @@ import torch
 import bench
 from hyperparameters import ModelConfig, TrainConfig
 from model_architecture import GPT
+from quantization import Int8Linear, to_precision
 
 
 def test_time_to_quality_reads_the_first_time_each_target_was_reached(tmp_path):
@@ -51,6 +52,12 @@ def test_a_generated_token_reads_every_weight_and_the_cache_once():
     weights = 4 * model.num_parameters()  # float32
     keys_and_values = 2 * 2 * 32 * 12 * 4  # two tensors, two layers, 12 positions, float32
     assert bench.bytes_per_generated_token(model, 12) == weights + keys_and_values
+    int8 = to_precision(GPT(config), "int8")
+    layers = [m for m in int8.modules() if isinstance(m, Int8Linear)]
+    int8_weights = sum(m.weight.numel() for m in layers)  # 1 byte instead of 4
+    scales = 4 * sum(m.scale.numel() for m in layers)
+    expected = weights - 3 * int8_weights + scales + keys_and_values  # the cache stays float32
+    assert bench.bytes_per_generated_token(int8, 12) == expected
     half = model.to(torch.bfloat16)
     assert bench.bytes_per_generated_token(half, 12) == (weights + keys_and_values) / 2
 

@@ -47,6 +47,7 @@ def test_an_int8_model_keeps_its_embedding_and_norms_in_float32(tiny_model_confi
     assert model.token_embedding.weight.dtype == torch.float32
     assert model.lm_head.weight is model.token_embedding.weight  # still tied
     assert model.final_norm.weight.dtype == torch.float32
+    assert model.num_parameters() == GPT(tiny_model_config).num_parameters()  # still counted
 
 
 def test_an_int8_model_gives_close_logits_and_generates(tiny_model_config):
