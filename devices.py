@@ -280,9 +280,9 @@ def compile_token_step(model: GPT) -> torch.nn.Module | None:
     """
     if model.config.block_size < 2:
         return None  # every step recomputes its window: there are no one-token steps
-    compiled = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
     weight = model.token_embedding.weight
     try:
+        compiled = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
         # Inference mode, as in generate: the graph is for its tensors (made in that mode).
         with torch.inference_mode():
             cache = KVCache(model.config, 1, weight.device, weight.dtype)

@@ -136,8 +136,8 @@ class TrainConfig:
     compile: bool = setting(
         False,
         "wrap the model in torch.compile (falls back if it fails); generate_text.py compiles "
-        "its one-token step, about 20 s on 2 cores (a few once cached), then each token about "
-        "1.5x faster: worth it for long texts",
+        "its one-token step first (seconds to tens of seconds), then each token is faster: "
+        "worth it for long texts",
     )
     optimizer: Literal["muon", "adamw"] = setting(
         "muon", "muon for the blocks' matrices and adamw for the rest, or adamw for all weights"
@@ -201,7 +201,7 @@ class SampleConfig:
     precision: Literal["float32", "bfloat16", "int8"] = setting(
         "float32",
         "number type of the weights; bfloat16 halves their memory (and the cache's) but "
-        "generates more slowly on a CPU without bfloat16 arithmetic; int8 stores the blocks' "
+        "generated more slowly on the CPUs measured; int8 stores the blocks' "
         "linear layers in a quarter of the bytes: faster on a CPU (with --compile)",
     )
 

@@ -358,7 +358,7 @@ class GPT(nn.Module):
             nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
 
     def num_parameters(self) -> int:
-        """Number of trainable parameters (the tied embedding counted once)."""
+        """Number of parameters (the tied embedding counted once; int8 weights too)."""
         return sum(p.numel() for p in self.parameters())
 
     def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Number types for generation: float32, bfloat16, or int8 weights in the blocks' linear layers.
 
-    python generate_text.py --precision int8 --compile     # the fastest generation on a CPU
+    python generate_text.py --precision int8 --compile --max_new_tokens 20000  # long texts
 
 Generating one token reads every weight once and does little arithmetic with each, so the
 bytes of the weights bound its speed. int8 stores a weight in a quarter of float32's bytes:
@@ -9,9 +9,9 @@ bytes of the weights bound its speed. int8 stores a weight in a quarter of float
 
 one scale per output row (symmetric, rounded to the nearest step). On a CPU, PyTorch's int8
 weight-only kernel multiplies bfloat16 inputs by the int8 weight; elsewhere (and for widths
-the kernel does not take) the weight is expanded back to the input's type first: correct, not
-faster. Only the blocks' linear layers
-are stored so: the token embedding, which the output layer shares, and the norms keep float32.
+the kernel does not take) the weight is expanded back to the input's type at every call:
+correct, but slower than float32. Only the blocks' linear layers are stored so; the token
+embedding, which the output layer shares, and the norms keep float32.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class Int8Linear(nn.Module):
         int8 = torch.round(weight / scale[:, None]).to(torch.int8)
         self.weight = nn.Parameter(int8, requires_grad=False)
         self.register_buffer("scale", scale)
-        # The kernel's own scales are bfloat16, which would round each row's scale; it gets
-        # ones instead, and the exact float32 scales are applied to its output.
+        # The kernel's own scales are bfloat16, which would round each row's scale on top of
+        # its bfloat16 output; it gets ones instead, and the float32 scales scale its output.
         self.register_buffer("unit_scale", torch.ones_like(scale, dtype=torch.bfloat16))
         self.bias = linear.bias
 

@@ -218,6 +218,17 @@ def generation_models(nanogpt: Path, corpus: Path, workdir: Path) -> tuple[Path,
     return nanogpt_model, our_model
 
 
+def generation_commands(
+    case: GenerationCase, models: tuple[Path, Path], tokens: int
+) -> dict[str, list[str]]:
+    """The case's sampling command for each project, given nanoGPT's and our model folders."""
+    nanogpt_model, our_model = models
+    return {
+        "nanogpt": nanogpt_sampling(nanogpt_model, tokens, case.nanogpt_compile),
+        "ours": our_sampling(our_model, tokens, case.our_compile, case.our_precision),
+    }
+
+
 def compare_generation(
     case: GenerationCase, nanogpt: Path, models: tuple[Path, Path], workdir: Path, pairs: int
 ) -> dict[str, Any]:
@@ -227,21 +238,17 @@ def compare_generation(
     A first, unmeasured short run fills torch.compile's on-disk cache, so that every measured
     run finds it filled.
     """
-    nanogpt_model, our_model = models
-
-    def command(who: str, tokens: int) -> tuple[list[str], Path]:
-        if who == "nanogpt":
-            return nanogpt_sampling(nanogpt_model, tokens, case.nanogpt_compile), nanogpt
-        return our_sampling(our_model, tokens, case.our_compile, case.our_precision), workdir
-
+    folders = {"nanogpt": nanogpt, "ours": workdir}  # where each project's script runs
     for who in ("nanogpt", "ours"):
-        run_measured(*command(who, SHORT_GENERATION_TOKENS))
+        run_measured(generation_commands(case, models, SHORT_GENERATION_TOKENS)[who], folders[who])
     runs: dict[str, list[dict[str, float]]] = {"nanogpt": [], "ours": []}
     for _ in range(pairs):
         for who in ("nanogpt", "ours"):
             times = []
             for tokens in (SHORT_GENERATION_TOKENS, GENERATION_TOKENS):
-                times.append(run_measured(*command(who, tokens)))
+                times.append(
+                    run_measured(generation_commands(case, models, tokens)[who], folders[who])
+                )
             short, long = times
             extra = GENERATION_TOKENS - SHORT_GENERATION_TOKENS
             runs[who].append(
@@ -288,19 +295,13 @@ def compare(checkout: Path, corpus: Path, pairs: int) -> dict[str, Any]:
         for generation in GENERATION_CASES:
             name = f"generation, {GENERATION_SHAPE.name}, {GENERATION_TOKENS} characters, "
             print(f"{name}{generation.name}, {pairs} pairs ...", flush=True)
+            shown_commands = generation_commands(
+                generation, (Path("OUT"), Path("OUT")), GENERATION_TOKENS
+            )
             results[name + generation.name] = {
                 **compare_generation(generation, nanogpt, models, workdir, pairs),
-                "nanogpt_command": shown(
-                    nanogpt_sampling(Path("OUT"), GENERATION_TOKENS, generation.nanogpt_compile)
-                ),
-                "our_command": shown(
-                    our_sampling(
-                        Path("OUT"),
-                        GENERATION_TOKENS,
-                        generation.our_compile,
-                        generation.our_precision,
-                    )
-                ),
+                "nanogpt_command": shown(shown_commands["nanogpt"]),
+                "our_command": shown(shown_commands["ours"]),
             }
     return results
 

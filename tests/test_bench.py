@@ -62,6 +62,20 @@ def test_a_generated_token_reads_every_weight_and_the_cache_once():
     assert bench.bytes_per_generated_token(half, 12) == (weights + keys_and_values) / 2
 
 
+def test_a_compiled_generation_case_is_skipped_when_the_compiler_fails(monkeypatch, capsys):
+    bench.GENERATE_MODELS["tiny"] = ModelConfig(
+        n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10
+    )
+    monkeypatch.setattr(bench, "compile_token_step", lambda model: None)
+    try:
+        figures = bench.generate_speed("tiny", 20, mode="compiled", precision="float32")
+    finally:
+        del bench.GENERATE_MODELS["tiny"]
+    assert figures == {"skipped": "torch.compile failed here"}
+    bench.print_report({"generate": {"tiny, compiled": figures}})
+    assert "generate tiny, compiled: skipped (torch.compile failed here)" in capsys.readouterr().out
+
+
 def test_a_generation_case_reports_the_bytes_it_reads_per_second():
     tiny = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10)
     bench.GENERATE_MODELS["tiny"] = tiny

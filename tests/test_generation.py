@@ -50,6 +50,18 @@ def test_cached_and_uncached_generation_give_the_same_tokens(
     assert len(cached) == 40
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 5])
+@pytest.mark.parametrize("prompt_length", [1, 4, 5, 6, 13])
+def test_cached_and_uncached_generation_agree_for_any_block_and_prompt(
+    tiny_model_config, block_size, prompt_length
+):
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(tiny_model_config, block_size=block_size)).eval()
+    prompt = list(range(1, prompt_length + 1))  # shorter than, as long as and beyond the block
+    cached = generate_list(model, prompt, 12, use_cache=True)
+    assert cached == generate_list(model, prompt, 12, use_cache=False)
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens(model):
     assert generate_list(model, [5], 30, seed=1) == generate_list(model, [5], 30, seed=1)
     assert generate_list(model, [5], 30, seed=1) != generate_list(model, [5], 30, seed=2)
@@ -175,7 +187,9 @@ def test_the_compiled_token_step_gives_the_tokens_of_the_model(
     eager = generate_list(model, [1], 40, temperature=1.0)
     with torch.compiler.set_stance("fail_on_recompile"):  # one graph serves every position
         compiled = generate_list(model, [1], 40, temperature=1.0, token_step=token_step)
+        longer_prompt = generate_list(model, [1, 2, 3, 4, 5], 20, token_step=token_step)
     assert compiled == eager
+    assert longer_prompt == generate_list(model, [1, 2, 3, 4, 5], 20)
     with torch.inference_mode():  # what the compiled step computes is the model's forward
         cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
         model(torch.tensor([[1, 2, 3]]), cache=cache)
@@ -183,6 +197,15 @@ def test_the_compiled_token_step_gives_the_tokens_of_the_model(
         expected, _ = model(token, cache=copy.deepcopy(cache))
         logits, _ = token_step(token, cache=cache)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_compiler_that_cannot_start_means_generating_uncompiled(model, monkeypatch, capsys):
+    def unsupported(module, **options):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    assert compile_token_step(model) is None
+    assert "generating uncompiled" in capsys.readouterr().err
 
 
 def test_a_failing_compiler_means_generating_uncompiled(model, monkeypatch, capsys):

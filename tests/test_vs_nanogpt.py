@@ -98,8 +98,10 @@ def test_a_chatty_command_does_not_block_on_its_error_output(tmp_path):
 
 @pytest.mark.parametrize("case", vs_nanogpt.GENERATION_CASES, ids=lambda case: case.name)
 def test_each_generation_case_compiles_whom_it_names(case):
-    theirs = vs_nanogpt.nanogpt_sampling(Path("out"), 2000, case.nanogpt_compile)
-    ours = vs_nanogpt.our_sampling(Path("out"), 2000, case.our_compile, case.our_precision)
+    commands = vs_nanogpt.generation_commands(case, (Path("theirs"), Path("ours")), 2000)
+    theirs, ours = commands["nanogpt"], commands["ours"]
+    assert "--out_dir=theirs" in theirs
+    assert "--out_dir=ours" in ours
     assert f"--compile={case.nanogpt_compile}" in theirs
     assert f"--compile={case.our_compile}" in ours
     assert "--dtype=float32" in theirs
