@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -255,18 +256,37 @@ def any_process(flag: bool, context: Distributed, device: torch.device) -> bool:
 # What runs the forward passes
 
 
+def try_compile(
+    model: torch.nn.Module,
+    warm_up: Callable[[torch.nn.Module], object],
+    instead: str,
+    **options: Any,
+) -> torch.nn.Module | None:
+    """torch.compile(model, **options), compiled at once by warm_up; None if that fails here.
+
+    Compilation happens on a compiled model's first call: warm_up makes that call now, so that
+    a failure shows before any work, with a one-line warning that says what happens `instead`.
+    """
+    try:
+        compiled = torch.compile(model, **options)
+        warm_up(compiled)
+    except Exception as err:  # any compiler failure: the eager model still works
+        print(f"warning: torch.compile failed ({first_line(err):.100}); {instead}", file=sys.stderr)
+        return None
+    return compiled
+
+
 def maybe_compile(model: torch.nn.Module, enabled: bool, example: torch.Tensor) -> torch.nn.Module:
     """torch.compile the model if asked and if it works here; otherwise say so and run eager."""
     if not enabled:
         return model
-    try:
-        compiled = torch.compile(model)
+
+    def warm_up(compiled: torch.nn.Module) -> None:
         with torch.no_grad():
-            compiled(example)  # compilation happens on the first call; fail here, not later
-        return compiled
-    except Exception as err:  # any compiler failure: the eager model still works
-        print(f"warning: torch.compile failed ({first_line(err):.100}); running uncompiled")
-        return model
+            compiled(example)
+
+    compiled = try_compile(model, warm_up, "running uncompiled")
+    return model if compiled is None else compiled
 
 
 def compile_token_step(model: GPT) -> torch.nn.Module | None:
@@ -275,27 +295,22 @@ def compile_token_step(model: GPT) -> torch.nn.Module | None:
     A one-token step does little arithmetic but runs hundreds of small operations, so the cost
     of calling each one dominates; compiled, they become a few generated kernels called from
     C++ (cpp_wrapper). The cache has one fixed shape and dynamic=True makes the position a
-    symbol, so one graph serves every position. Compiling happens here, on a scratch cache, so
-    that a failure shows before any text, and generation goes on uncompiled.
+    symbol, so one graph serves every position. It is compiled here, on a scratch cache.
     """
     if model.config.block_size < 2:
         return None  # every step recomputes its window: there are no one-token steps
     weight = model.token_embedding.weight
-    try:
-        compiled = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
+
+    def warm_up(compiled: torch.nn.Module) -> None:
         # Inference mode, as in generate: the graph is for its tensors (made in that mode).
         with torch.inference_mode():
             cache = KVCache(model.config, 1, weight.device, weight.dtype)
             token = torch.zeros(1, 1, dtype=torch.long, device=weight.device)
             model(token, cache=cache)  # position 0, as a prompt goes: uncompiled
             compiled(token, cache=cache)  # position 1: compiles the one-token step
-    except Exception as err:  # any compiler failure: the eager model still works
-        print(
-            f"warning: torch.compile failed ({first_line(err):.100}); generating uncompiled",
-            file=sys.stderr,
-        )
-        return None
-    return compiled
+
+    options = {"cpp_wrapper": True}
+    return try_compile(model, warm_up, "generating uncompiled", dynamic=True, options=options)
 
 
 def wrap_model(

@@ -209,7 +209,7 @@ def test_compile_falls_back_to_eager_when_it_fails(tmp_path, tiny_corpus, monkey
     monkeypatch.setattr(torch, "compile", broken_compile)
     argv = tiny_train_argv(tmp_path / "out", tiny_corpus, max_iters=2, compile="true")
     assert train_model.main(argv) == 0
-    assert "torch.compile failed (no C compiler found)" in capsys.readouterr().out
+    assert "torch.compile failed (no C compiler found)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
