@@ -58,7 +58,7 @@ import vs_nanogpt
 from checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
 from common import UserFacingError, print_error
 from data_handling import load_splits
-from devices import compile_token_step, sequences_per_pass
+from devices import compile_token_step, keep_freed_memory, sequences_per_pass
 from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS, ModelConfig, TrainConfig
 from model_architecture import GPT, generate
 from optimization import make_optimizer
@@ -184,6 +184,7 @@ def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str,
     """Time real training steps (train_model.train_step) of one shape on random tokens."""
     model_config, train_config = TRAIN_SHAPES[name]
     train_config = dataclasses.replace(train_config, warmup_iters=0, max_iters=steps + 2)
+    keep_freed_memory()  # as train_model.py does
     torch.manual_seed(0)
     model = GPT(model_config)
     device = torch.device("cpu")
