@@ -36,24 +36,29 @@ FLOAT_BYTES = 4  # weights, gradients and activations are float32 (autocast keep
 # glibc's malloc options (malloc.h): M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
 MALLOC_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD = -1, -3
 KEEP_FREED_BYTES = 2**30  # memory a process keeps for reuse rather than return at once
+OLD_GLIBC_MMAP_LIMIT = 2**25  # older glibc refuses mmap thresholds above 32 MiB (on 64 bits)
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse; False where it is not glibc.
+def keep_freed_memory() -> int:
+    """Have glibc's malloc keep freed memory for reuse; the largest buffer kept (0: none).
 
     A training step frees and allocates the same activation buffers again and again. By
     default glibc serves large buffers from fresh pages of the system and gives freed memory
-    back, so every step pays page faults to touch them again (100-1,500 a step at nanoGPT's
-    small shape; more with dropout, whose attention weights are large temporaries). Buffers
-    up to KEEP_FREED_BYTES now come from the process's own heap, which keeps what is freed.
+    back, so every step pays page faults to touch them again (100-1,500 a step at the small
+    shape; more with dropout, whose attention weights are large temporaries). Buffers below
+    the mmap threshold come from the process's own heap, which now keeps what is freed.
+    Returns 0 where the C library is not glibc.
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)  # the C library the interpreter already uses
-    return bool(
-        libc.mallopt(MALLOC_MMAP_THRESHOLD, KEEP_FREED_BYTES)
-        and libc.mallopt(MALLOC_TRIM_THRESHOLD, KEEP_FREED_BYTES)
-    )
+        return 0
+    mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter already uses
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not mallopt(MALLOC_TRIM_THRESHOLD, KEEP_FREED_BYTES):
+        return 0
+    for threshold in (KEEP_FREED_BYTES, OLD_GLIBC_MMAP_LIMIT):
+        if mallopt(MALLOC_MMAP_THRESHOLD, threshold):
+            return threshold
+    return 0
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -84,8 +89,11 @@ def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, st
 
 
 def setup_compute(config: TrainConfig) -> tuple[Distributed, torch.device, torch.dtype]:
-    """Choose device and precision (joining a torchrun job if there is one) and say which."""
-    keep_freed_memory()
+    """Choose device and precision (joining a torchrun job if there is one) and say which.
+
+    Also has glibc keep freed memory for reuse (keep_freed_memory).
+    """
+    keep_freed_memory()  # for the whole process: every step reuses its buffers' pages
     distributed, device = init_distributed(config.device)
     dtype, dtype_reason = resolve_dtype(config.dtype, device)
     print(f"device {device}, compute dtype {dtype_reason}")

@@ -8,12 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +17,8 @@ import torch
 import train_model
 from checkpoint import load_checkpoint
 from common import UserFacingError
-from conftest import PROJECT_ROOT, build_training, tiny_train_argv
-from devices import keep_freed_memory, resolve_device, sequences_per_pass, training_memory
+from conftest import build_training, tiny_train_argv
+from devices import resolve_device, sequences_per_pass, training_memory
 from hyperparameters import ModelConfig
 from train_model import train_step
 from training_log import bits_per_char
@@ -222,47 +218,6 @@ def test_unavailable_device_is_a_user_error():
         resolve_device("cuda")
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in {"cpu", "mps"}
-
-
-# A process that allocates and frees one 64 MiB buffer five times; it prints the page faults of
-# each round. With keep_freed_memory the rounds reuse the heap once it has settled.
-ALLOCATION_ROUNDS = """
-import resource, sys
-import torch
-from devices import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
-for _ in range(5):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(2**24)  # 64 MiB, freed at once
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-@pytest.mark.parametrize("mode", ["keep", "default"])
-def test_keep_freed_memory_spares_page_faults_on_reuse(mode):
-    huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if mode == "default" and "[always]" in (huge_pages.read_text() if huge_pages.exists() else ""):
-        pytest.skip("with transparent huge pages always on, fresh memory takes few faults")
-    result = subprocess.run(
-        [sys.executable, "-c", ALLOCATION_ROUNDS, mode],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    faults = [int(line) for line in result.stdout.split()]
-    pages = 2**26 // 4096  # of the 64 MiB buffer
-    if mode == "keep":
-        assert min(faults[-2:]) < pages // 10  # touched once, then reused
-    else:
-        assert min(faults) > pages // 2  # glibc maps fresh pages every round
-
-
-def test_keep_freed_memory_is_skipped_without_glibc(monkeypatch):
-    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
-    assert keep_freed_memory() is False
 
 
 def test_corpus_shorter_than_block_size_is_a_one_line_error(tmp_path, capsys):
