@@ -323,16 +323,21 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, example: torch.Tensor) 
     return model if compiled is None else compiled
 
 
-def compile_token_step(model: GPT) -> torch.nn.Module | None:
+def compile_token_step(
+    model: GPT, announce: Callable[[], object] | None = None
+) -> torch.nn.Module | None:
     """The model compiled for generation's cached one-token steps; None if that fails here.
 
     A one-token step does little arithmetic but runs hundreds of small operations, so the cost
     of calling each one dominates; compiled, they become a few generated kernels called from
     C++ (cpp_wrapper). The cache has one fixed shape and dynamic=True makes the position a
-    symbol, so one graph serves every position. It is compiled here, on a scratch cache.
+    symbol, so one graph serves every position. It is compiled here, on a scratch cache;
+    `announce` is called first (compiling takes seconds), and not at all when nothing compiles.
     """
     if model.config.block_size < 2:
         return None  # every step recomputes its window: there are no one-token steps
+    if announce is not None:
+        announce()
     weight = model.token_embedding.weight
 
     def warm_up(compiled: torch.nn.Module) -> None:

@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token_step = None
         if train_config.compile:
-            print(f"{PROG}: compiling the model (torch.compile)...", file=sys.stderr, flush=True)
-            token_step = compile_token_step(model)
+            token_step = compile_token_step(model, announce=announce_compiling)
         for sample in range(sample_config.num_samples):
             if sample > 0:
                 sys.stdout.write(SAMPLE_SEPARATOR)
@@ -140,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         print_error(PROG, OSError(f"cannot write the text ({err.strerror or err})"))
         return 1
     return 0
+
+
+def announce_compiling() -> None:
+    """Say why the first token takes a while."""
+    print(f"{PROG}: compiling the model (torch.compile)...", file=sys.stderr, flush=True)
 
 
 def discard_output() -> None:

@@ -91,6 +91,29 @@ def test_a_generation_case_reports_the_bytes_it_reads_per_second():
     assert bench.copy_bandwidth(megabytes=8, repeats=2)["copy_gb_per_s"] > 0
 
 
+def test_a_generation_case_times_the_first_token_after_a_full_block(monkeypatch, capsys):
+    bench.GENERATE_MODELS["tiny"] = ModelConfig(
+        n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10
+    )
+    prompts = []
+    timed = bench.first_token_seconds
+
+    def recording(model, prompt, **options):
+        prompts.append(len(prompt))
+        return timed(model, prompt, **options)
+
+    monkeypatch.setattr(bench, "first_token_seconds", recording)
+    try:
+        figures = bench.generate_speed("tiny", 20, mode="cache", precision="float32")
+    finally:
+        del bench.GENERATE_MODELS["tiny"]
+    assert prompts == [8, 8, 8]  # a prompt of block_size tokens, timed three times
+    assert 0 < figures["first_token_full_block_ms"] < 1000 * figures["seconds"]
+    bench.print_report({"generate": {"tiny, cache": figures}})
+    shown = f"({figures['first_token_full_block_ms']:.1f} ms after a full block)"
+    assert shown in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_training_case_reports_every_figure(optimizer):
     tiny = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=10)

@@ -220,3 +220,16 @@ def test_a_failing_compiler_means_generating_uncompiled(model, monkeypatch, caps
     assert "torch.compile failed (no C++ compiler found); generating uncompiled" in (
         capsys.readouterr().err
     )
+
+
+def test_compiling_is_announced_only_when_something_compiles(tiny_model_config, monkeypatch):
+    def unsupported(module, **options):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unsupported)  # fast: the announcement comes first
+    announced = []
+    one_token_context = GPT(dataclasses.replace(tiny_model_config, block_size=1)).eval()
+    assert compile_token_step(one_token_context, announce=lambda: announced.append(1)) is None
+    assert announced == []  # block_size 1: every step recomputes its window, nothing compiles
+    compile_token_step(GPT(tiny_model_config).eval(), announce=lambda: announced.append(1))
+    assert announced == [1]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model_architecture import GPT, generate
-from quantization import Int8Linear, to_precision
+from quantization import KERNEL_MAX_ROWS, Int8Linear, to_precision
 
 
 @pytest.mark.parametrize("in_features", [32, 20])  # the CPU kernel's width, and another
@@ -22,6 +22,19 @@ def test_an_int8_layer_computes_what_the_float_layer_does_up_to_rounding(in_feat
     # int8 steps are 1/254 of a row's range; bfloat16 inputs add about as much again.
     assert (got - expected).norm() / expected.norm() < 0.01
     assert not torch.equal(got, expected)  # it did round
+
+
+def test_many_rows_get_the_kernels_arithmetic_in_float32():
+    torch.manual_seed(0)
+    int8 = Int8Linear(nn.Linear(32, 48, bias=True))
+    rows = torch.randn(KERNEL_MAX_ROWS + 8, 32)  # enough rows to take the float32 multiply
+    with torch.no_grad():
+        together = int8(rows)
+        one_by_one = torch.cat([int8(row[None]) for row in rows])  # each through the kernel
+    # The same products, summed in another order: at most one bfloat16 step (2^-7 of the
+    # value) apart where the sum falls near a rounding boundary, and equal almost everywhere.
+    torch.testing.assert_close(together, one_by_one, rtol=2**-7, atol=1e-6)
+    assert (together != one_by_one).float().mean() < 0.01
 
 
 def test_each_row_is_stored_as_int8_steps_of_its_own_scale():
