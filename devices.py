@@ -332,7 +332,8 @@ def compile_token_step(
     of calling each one dominates; compiled, they become a few generated kernels called from
     C++ (cpp_wrapper). The cache has one fixed shape and dynamic=True makes the position a
     symbol, so one graph serves every position. It is compiled here, on a scratch cache;
-    `announce` is called first (compiling takes seconds), and not at all when nothing compiles.
+    `announce` is called just before (compiling takes seconds), and not at all when there is
+    nothing to compile (block_size 1).
     """
     if model.config.block_size < 2:
         return None  # every step recomputes its window: there are no one-token steps

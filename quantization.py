@@ -10,8 +10,9 @@ bytes of the weights bound its speed. int8 stores a weight in a quarter of float
 one scale per output row (symmetric, rounded to the nearest step). On a CPU, PyTorch's int8
 weight-only kernel multiplies bfloat16 inputs by the int8 weight, a few rows at a time (one
 token's); many rows (a prompt) get the same arithmetic as one float32 multiply, which is
-faster there. Elsewhere (and for widths the kernel does not take) the weight is expanded
-back to the input's type at every call: correct, but slower than float32. Only the blocks'
+faster there, with the weight expanded to float32 for the call. Elsewhere (and for widths the
+kernel does not take) the weight is expanded back to the input's type at every call: correct,
+but slower than float32. Only the blocks'
 linear layers are stored so; the token embedding, which the output layer shares, and the
 norms keep float32.
 """
@@ -30,8 +31,11 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 KERNEL_WIDTH_MULTIPLE = 16
 # The kernel is built for a few rows (a token at a time). From this many rows on (a prompt, or
 # the window that generation recomputes when it moves) a float32 multiply by the weight's int8
-# values is faster: 0.6 against 1.1 ms for 129 rows of a 384 -> 1152 layer on two cores.
-KERNEL_MAX_ROWS = 32
+# values takes over. Timed on two cores (kernel against multiply, microseconds, for layers
+# 384 -> 1152, 384 -> 1536, 1536 -> 384): 16 rows 149/161, 195/211, 166/287; 32 rows 277/220,
+# 361/288, 306/361; 64 rows 536/339, 701/423, 594/483; 129 rows 1,097/579, 1,414/781,
+# 1,178/772. About level at 32 rows.
+FLOAT32_MULTIPLY_MIN_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -55,13 +59,14 @@ class Int8Linear(nn.Module):
         """(..., in) -> (..., out), as the float layer would compute it, up to rounding."""
         if x.device.type == "cpu" and x.size(-1) % KERNEL_WIDTH_MULTIPLE == 0:
             rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (N, in)
-            if rows.size(0) < KERNEL_MAX_ROWS:
+            if rows.size(0) < FLOAT32_MULTIPLY_MIN_ROWS:
                 products = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.unit_scale)
             else:
                 # The kernel's arithmetic: bfloat16 inputs times the int8 values (each product
                 # exact in float32), summed in float32, rounded to bfloat16 as its output is.
-                exact = rows.float() @ self.weight.t().float()  # (N, out)
-                products = exact.to(torch.bfloat16)
+                # The float32 copy of the weight lives for this call only.
+                sums = rows.float() @ self.weight.t().float()  # (N, out)
+                products = sums.to(torch.bfloat16)
             y = products.view(*x.shape[:-1], -1).to(x.dtype) * self.scale  # (..., out)
         else:
             y = F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))

@@ -222,7 +222,7 @@ def test_a_failing_compiler_means_generating_uncompiled(model, monkeypatch, caps
     )
 
 
-def test_compiling_is_announced_only_when_something_compiles(tiny_model_config, monkeypatch):
+def test_compiling_is_announced_only_when_there_is_a_token_step(tiny_model_config, monkeypatch):
     def unsupported(module, **options):
         raise RuntimeError("torch.compile is not supported on this Python")
 

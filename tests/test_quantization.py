@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from model_architecture import GPT, generate
-from quantization import KERNEL_MAX_ROWS, Int8Linear, to_precision
+from quantization import FLOAT32_MULTIPLY_MIN_ROWS, Int8Linear, to_precision
 
 
 @pytest.mark.parametrize("in_features", [32, 20])  # the CPU kernel's width, and another
@@ -24,13 +25,24 @@ def test_an_int8_layer_computes_what_the_float_layer_does_up_to_rounding(in_feat
     assert not torch.equal(got, expected)  # it did round
 
 
-def test_many_rows_get_the_kernels_arithmetic_in_float32():
+def kernel_calls(layer: Int8Linear, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """layer(x), and how many times it called PyTorch's int8 kernel."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as recorded:
+        y = layer(x)
+    return y, sum(event.name == "aten::_weight_int8pack_mm" for event in recorded.events())
+
+
+def test_many_rows_get_the_kernels_arithmetic_as_one_float32_multiply():
     torch.manual_seed(0)
     int8 = Int8Linear(nn.Linear(32, 48, bias=True))
-    rows = torch.randn(KERNEL_MAX_ROWS + 8, 32)  # enough rows to take the float32 multiply
-    with torch.no_grad():
-        together = int8(rows)
-        one_by_one = torch.cat([int8(row[None]) for row in rows])  # each through the kernel
+    few = torch.randn(FLOAT32_MULTIPLY_MIN_ROWS - 1, 32)
+    many = torch.randn(2, FLOAT32_MULTIPLY_MIN_ROWS, 32)  # (B, T, C), as the model passes it
+    assert kernel_calls(int8, few)[1] == 1
+    together, calls = kernel_calls(int8, many)
+    assert calls == 0
+    one_by_one = torch.stack(
+        [torch.cat([kernel_calls(int8, row[None])[0] for row in seq]) for seq in many]
+    )  # each row through the kernel
     # The same products, summed in another order: at most one bfloat16 step (2^-7 of the
     # value) apart where the sum falls near a rounding boundary, and equal almost everywhere.
     torch.testing.assert_close(together, one_by_one, rtol=2**-7, atol=1e-6)
