@@ -12,9 +12,8 @@ weight-only kernel multiplies bfloat16 inputs by the int8 weight, a few rows at 
 token's); many rows (a prompt) get the same arithmetic as one float32 multiply, which is
 faster there, with the weight expanded to float32 for the call. Elsewhere (and for widths the
 kernel does not take) the weight is expanded back to the input's type at every call: correct,
-but slower than float32. Only the blocks'
-linear layers are stored so; the token embedding, which the output layer shares, and the
-norms keep float32.
+but slower than float32. Only the blocks' linear layers are stored so; the token embedding,
+which the output layer shares, and the norms keep float32.
 """
 
 from __future__ import annotations
