@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from common import UserFacingError, first_line, write_atomically
 from devices import model_memory, require_memory
@@ -90,19 +91,25 @@ def make_checkpoint(
     scaler: torch.amp.GradScaler,
     description: RunDescription,
     state: TrainingState,
+    average: AveragedModel | None = None,
 ) -> dict[str, Any]:
-    """A weights_only-safe dict with everything needed to generate from or resume a run."""
+    """A weights_only-safe dict with everything needed to generate from or resume a run.
+
+    With a moving average of the weights, "model" holds the average (what generation uses)
+    and "training_weights" the weights that training goes on from.
+    """
     rng = {"torch": torch.get_rng_state(), "batches": state.batch_generator.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     settings = description.settings
-    return {
+    checkpoint = {
         "format_version": FORMAT_VERSION,
         "model_config": dataclasses.asdict(settings.model),
         "data_config": dataclasses.asdict(settings.data),
         "train_config": dataclasses.asdict(settings.train),
         "tokenizer": description.tokenizer.to_dict(),
-        "model": model.state_dict(),  # the raw module: no torch.compile key prefixes
+        # The raw module (no torch.compile key prefixes), or its average.
+        "model": (model if average is None else average.module).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "step": state.step,
@@ -114,6 +121,10 @@ def make_checkpoint(
         "rng": rng,
         "torch_version": str(torch.__version__),  # a plain str: weights_only-safe
     }
+    if average is not None:
+        checkpoint["training_weights"] = model.state_dict()
+        checkpoint["averaged_steps"] = int(average.n_averaged)
+    return checkpoint
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -291,6 +302,19 @@ def model_from_checkpoint(
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
     return to_precision(model.to(device), precision).eval(), tokenizer
+
+
+def restore_weights(checkpoint: dict[str, Any], model: GPT, average: AveragedModel | None) -> None:
+    """Put back the weights training goes on from, and their moving average if one is kept.
+
+    A checkpoint without "training_weights" kept no average: its "model" is both. Resuming
+    with an average that the checkpoint lacks starts it from the weights.
+    """
+    if "training_weights" in checkpoint:
+        model.load_state_dict(checkpoint["training_weights"])
+    if average is not None and checkpoint.get("averaged_steps", 0) > 0:
+        average.module.load_state_dict(checkpoint["model"])
+        average.n_averaged.fill_(checkpoint["averaged_steps"])
 
 
 def restore_training_state(

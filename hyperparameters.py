@@ -121,6 +121,11 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW first-moment decay")
     beta2: float = setting(0.99, "AdamW second-moment decay; 0.95..0.999")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables")
+    weight_average: float = setting(
+        0.0,
+        "keep a moving average of the weights, decay per step: 0.995 spans about the last 200 "
+        "steps; evaluations, checkpoints and generation use it; 0 = off",
+    )
     eval_interval: int = setting(250, "evaluate and checkpoint every this many steps")
     eval_iters: int = setting(20, "batches per split when estimating the loss")
     log_interval: int = setting(10, "refresh the progress bar's loss every this many steps")
@@ -175,7 +180,7 @@ class TrainConfig:
         for name in ("warmup_iters", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "weight_average"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.seed <= MAX_SEED:

@@ -1,4 +1,4 @@
-"""How the weights move: the optimizer (AdamW, or Muon with AdamW) and the learning-rate schedule.
+"""How the weights move: optimizer (AdamW, or Muon with AdamW), schedule, moving average.
 
 AdamW scales each weight's step by a running estimate of its gradient's size. Muon
 (Jordan et al., 2024) treats a weight matrix as a whole: it takes the momentum of the gradient
@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from hyperparameters import TrainConfig
 from model_architecture import GPT
@@ -98,3 +99,18 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     min_lr = config.min_lr_fraction * config.learning_rate
     return min_lr + cosine * (config.learning_rate - min_lr)
+
+
+def weight_average(model: GPT, decay: float) -> AveragedModel | None:
+    """A moving average of the model's weights, updated after each step; None if decay is 0.
+
+        average <- decay * average + (1 - decay) * weights
+
+    Each step moves the weights by a noisy estimate of the gradient, so late in a run they
+    jitter around the low ground rather than settle on it; the average of the last
+    1 / (1 - decay) steps sits nearer its middle and scores better. Training itself goes on
+    from the weights; evaluations, checkpoints and generation use the average.
+    """
+    if decay == 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from checkpoint import (
@@ -41,6 +42,7 @@ from checkpoint import (
     make_checkpoint,
     model_from_checkpoint,
     restore_training_state,
+    restore_weights,
     save_checkpoint,
     saved_corpus_sha256,
     saved_settings,
@@ -53,6 +55,7 @@ from devices import (
     StopRequest,
     any_process,
     autocast_context,
+    model_memory,
     process_rank,
     require_memory,
     sequences_per_pass,
@@ -74,7 +77,7 @@ from hyperparameters import (
     settings_for_resume,
 )
 from model_architecture import GPT
-from optimization import Optimizer, learning_rate_at, make_optimizer
+from optimization import Optimizer, learning_rate_at, make_optimizer, weight_average
 from run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
 from training_log import (
     Progress,
@@ -118,6 +121,15 @@ class Run:
     autocast: contextlib.AbstractContextManager
     sequences_per_pass: int  # of a micro-batch, through one forward and backward pass
     distributed: Distributed = dataclasses.field(default_factory=Distributed)
+    average: AveragedModel | None = None  # the weights' moving average, if one is kept
+
+    def final_model(self) -> GPT:
+        """What checkpoints keep for generation: the weights' average if one is kept."""
+        return self.model if self.average is None else self.average.module
+
+    def evaluated(self) -> torch.nn.Module:
+        """What evaluations run: final_model(), through torch.compile's wrapper if it has one."""
+        return self.compiled if self.average is None else self.average.module
 
     def tokens_per_step(self) -> int:
         """Tokens one optimizer step learns from, over all processes."""
@@ -187,7 +199,8 @@ def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tens
 def estimate_loss(run: Run) -> dict[str, float]:
     """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
     config = run.config
-    run.compiled.eval()
+    model = run.evaluated()
+    model.eval()
     losses = {}
     for name, data in run.splits.items():
         # A fixed, separate generator: evaluations are comparable and training's data order
@@ -200,10 +213,10 @@ def estimate_loss(run: Run) -> dict[str, float]:
             )
             for pass_x, pass_y in in_passes(x, y, run.sequences_per_pass):  # as in training
                 with run.autocast:
-                    _, loss = run.compiled(pass_x, pass_y)
+                    _, loss = model(pass_x, pass_y)
                 total += loss.item() * pass_x.size(0) / x.size(0)
         losses[name] = total / config.eval_iters
-    run.compiled.train()
+    model.train()
     return losses
 
 
@@ -286,8 +299,9 @@ def build_run(
         settings.model.block_size,
         device,
     )
+    averaged_copy = model_memory(settings.model) if settings.train.weight_average else 0
     require_memory(
-        training_memory(settings.model, settings.train.batch_size, pass_size),
+        training_memory(settings.model, settings.train.batch_size, pass_size) + averaged_copy,
         device,
         "training this model on this batch",
         "lower --sequences_per_pass, --batch_size, --block_size, --n_embd or --n_layer",
@@ -301,6 +315,9 @@ def build_run(
         print(f"model: GPT-2's weights from {pretrained.weights}")
     else:
         model = GPT(settings.model).to(device)
+    average = weight_average(model, settings.train.weight_average)
+    if checkpoint is not None:
+        restore_weights(checkpoint, model, average)
     print(f"model: {model.num_parameters():,} parameters")
     optimizer = make_optimizer(model, settings.train, device)
     run = Run(
@@ -314,6 +331,7 @@ def build_run(
         autocast=autocast_context(device, dtype),
         sequences_per_pass=pass_size,
         distributed=distributed,
+        average=average,
     )
     state = starting_state(run, checkpoint, folder)
     if checkpoint is not None:
@@ -338,7 +356,9 @@ def build_run(
 
 def save(run: Run, state: TrainingState, description: RunDescription, path: Path) -> None:
     """Save a checkpoint of the run as it stands."""
-    checkpoint = make_checkpoint(run.model, run.optimizer, run.scaler, description, state)
+    checkpoint = make_checkpoint(
+        run.model, run.optimizer, run.scaler, description, state, run.average
+    )
     save_checkpoint(path, checkpoint)
 
 
@@ -370,7 +390,7 @@ def evaluate_and_save(
     if progress.board is not None:
         best_bpc = min(r["val_bpc"] for r in state.history)
         prompt = run.splits["val"][:1].tolist()  # the validation text's first token
-        sample = model_sample(run.model, description.tokenizer, prompt, run.config.seed)
+        sample = model_sample(run.final_model(), description.tokenizer, prompt, run.config.seed)
         progress.board.log_evaluation(row, best_bpc, sample)
 
 
@@ -413,6 +433,8 @@ def train(run: Run, state: TrainingState, description: RunDescription, folder: R
                 progress.close()
                 return save_and_stop(run, state, description, folder)
             loss, grad_norm = train_step(run, state)
+            if run.average is not None:
+                run.average.update_parameters(run.model)
             state.step += 1
             state.tokens_seen += run.tokens_per_step()
             progress.bar.update(1)

@@ -132,6 +132,7 @@ def test_paths_keep_their_backslashes():
         (["--block_size=0"], "block_size must be >= 1"),
         (["--tokenizer=words"], "invalid choice"),
         (["--dropout=1.5"], "dropout must be in [0, 1)"),
+        (["--weight_average=1"], "weight_average must be in [0, 1)"),
         (["--top_p=0"], "top_p must be in (0, 1]"),
         (["--vocab_size=10"], "unrecognized arguments"),
         (["--temperature=nan"], "temperature must be a finite number"),

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import train_model
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import build_training, tiny_train_argv
 from hyperparameters import TrainConfig
 from model_architecture import GPT
-from optimization import CombinedOptimizer, learning_rate_at, make_optimizer
+from optimization import CombinedOptimizer, learning_rate_at, make_optimizer, weight_average
 
 CPU = torch.device("cpu")
 
@@ -123,3 +123,41 @@ def test_grad_scaler_steps_the_combined_optimizer(tiny_model_config):
     moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert "blocks.0.attn.qkv_proj.weight" in moved  # Muon stepped
     assert "token_embedding.weight" in moved  # AdamW stepped
+
+
+def test_the_weight_average_follows_its_formula(tiny_model_config):
+    model = tiny_model(tiny_model_config)
+    assert weight_average(model, 0.0) is None
+    average = weight_average(model, 0.9)
+    expected = None
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))  # a step
+        average.update_parameters(model)
+        weights = [p.detach().clone() for p in model.parameters()]
+        if expected is None:
+            expected = weights  # the first update starts the average at the weights
+        else:
+            expected = [0.9 * e + 0.1 * w for e, w in zip(expected, weights, strict=True)]
+    for got, want in zip(average.module.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert average.module.lm_head.weight is average.module.token_embedding.weight  # still tied
+
+
+def test_a_run_with_a_weight_average_saves_it_as_the_model(tmp_path, tiny_corpus):
+    out_dir = tmp_path / "out"
+    argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=12, weight_average=0.8)
+    assert train_model.main(argv) == 0
+    checkpoint = load_checkpoint(out_dir / "ckpt_last.pth")
+    assert checkpoint["averaged_steps"] == 12
+    averaged, raw = checkpoint["model"], checkpoint["training_weights"]
+    assert averaged.keys() == raw.keys()
+    assert not all(torch.equal(averaged[name], raw[name]) for name in averaged)
+    model, _ = model_from_checkpoint(checkpoint, CPU)  # what generation loads: the average
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, averaged[name]), name
+    # Without the setting, the checkpoint keeps one set of weights, as before.
+    plain = tmp_path / "plain"
+    assert train_model.main(tiny_train_argv(plain, tiny_corpus, max_iters=12)) == 0
+    assert "training_weights" not in load_checkpoint(plain / "ckpt_last.pth")

@@ -153,12 +153,18 @@ def stop_after(steps: int, monkeypatch) -> None:
     monkeypatch.setattr(train_model, "train_step", counting_step)
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize(("optimizer", "average"), [("muon", 0.0), ("adamw", 0.0), ("muon", 0.9)])
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(
-    tmp_path, tiny_corpus, monkeypatch, optimizer
+    tmp_path, tiny_corpus, monkeypatch, optimizer, average
 ):
-    # dropout: the RNG state must resume too; the optimizer's state must come back whole.
-    options = {"dropout": 0.1, "eval_interval": 5, "optimizer": optimizer}
+    # dropout: the RNG state must resume too; the optimizer's state must come back whole, and
+    # so must the weights' moving average when one is kept.
+    options = {
+        "dropout": 0.1,
+        "eval_interval": 5,
+        "optimizer": optimizer,
+        "weight_average": average,
+    }
     straight = tmp_path / "straight"
     assert train_model.main(tiny_train_argv(straight, tiny_corpus, **options)) == 0
 
@@ -175,10 +181,11 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(
         return [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(out_dir)]
 
     assert losses(resumed) == losses(straight)
-    weights_a = load_checkpoint(straight / "ckpt_last.pth")["model"]
-    weights_b = load_checkpoint(resumed / "ckpt_last.pth")["model"]
-    for name, tensor in weights_a.items():
-        assert torch.equal(tensor, weights_b[name]), name
+    saved_a = load_checkpoint(straight / "ckpt_last.pth")
+    saved_b = load_checkpoint(resumed / "ckpt_last.pth")
+    for weights in ["model", "training_weights"] if average else ["model"]:
+        for name, tensor in saved_a[weights].items():
+            assert torch.equal(tensor, saved_b[weights][name]), (weights, name)
 
 
 @pytest.mark.parametrize(
