@@ -6,7 +6,10 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
     format_version   FORMAT_VERSION
     model_config, data_config, train_config   the run's settings (dataclasses as dicts)
     tokenizer        {"kind": "char", "chars": ...} or {"kind": "bpe", "encoding": "gpt2", ...}
-    model            the raw model's state_dict (never a torch.compile or DDP wrapper's)
+    model            the raw model's state_dict (never a torch.compile or DDP wrapper's), or
+                     with --weight_average, its moving average's: what generation loads
+    training_weights, averaged_steps   with --weight_average only: the weights training goes
+                     on from, and how many steps the average has taken in
     optimizer, scaler               their state_dicts, to resume exactly
     step, best_val_loss, tokens_seen, elapsed_s   the run's progress
     tokens_per_char  {"train": ..., "val": ...}: turns a loss per token into one per character
@@ -197,6 +200,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def is_finite_state(weights: object) -> bool:
+    """Whether `weights` is a state_dict: a dict of tensors, every float in them finite."""
+    return isinstance(weights, dict) and all(
+        isinstance(t, torch.Tensor) and (not t.is_floating_point() or bool(torch.isfinite(t).all()))
+        for t in weights.values()
+    )
+
+
 def check_resumable(checkpoint: dict[str, Any]) -> None:
     """Refuse, in one line, a checkpoint that lacks what --resume needs."""
     problems = [
@@ -209,6 +220,12 @@ def check_resumable(checkpoint: dict[str, Any]) -> None:
         isinstance(rng.get(name), torch.Tensor) for name in ("torch", "batches")
     ):
         problems.append("rng")
+    if "training_weights" in checkpoint:  # a run that kept a moving average of its weights
+        if not is_finite_state(checkpoint["training_weights"]):
+            problems.append("training_weights")
+        steps = checkpoint.get("averaged_steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            problems.append("averaged_steps")
     if problems:
         raise UserFacingError(
             f"the checkpoint cannot be resumed: {', '.join(problems)} missing or damaged"
@@ -307,12 +324,17 @@ def model_from_checkpoint(
 def restore_weights(checkpoint: dict[str, Any], model: GPT, average: AveragedModel | None) -> None:
     """Put back the weights training goes on from, and their moving average if one is kept.
 
-    A checkpoint without "training_weights" kept no average: its "model" is both. Resuming
-    with an average that the checkpoint lacks starts it from the weights.
+    `model` holds the checkpoint's "model" on entry (model_from_checkpoint). A checkpoint
+    without "training_weights" kept no average: its "model" is both. Resuming with an average
+    that the checkpoint lacks starts it from the weights (at its first update).
     """
     if "training_weights" in checkpoint:
-        model.load_state_dict(checkpoint["training_weights"])
+        try:
+            model.load_state_dict(checkpoint["training_weights"])
+        except RuntimeError:
+            raise UserFacingError("checkpoint's training_weights do not fit its model") from None
     if average is not None and checkpoint.get("averaged_steps", 0) > 0:
+        # Loaded by name, not copied from `model`, so that the order above cannot matter.
         average.module.load_state_dict(checkpoint["model"])
         average.n_averaged.fill_(checkpoint["averaged_steps"])
 

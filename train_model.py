@@ -128,7 +128,10 @@ class Run:
         return self.model if self.average is None else self.average.module
 
     def evaluated(self) -> torch.nn.Module:
-        """What evaluations run: final_model(), through torch.compile's wrapper if it has one."""
+        """What evaluations run: final_model(), wrapped as training runs it if no average is kept.
+
+        The average itself is never compiled or wrapped for DDP: only process 0 evaluates.
+        """
         return self.compiled if self.average is None else self.average.module
 
     def tokens_per_step(self) -> int:
@@ -439,7 +442,9 @@ def train(run: Run, state: TrainingState, description: RunDescription, folder: R
             state.tokens_seen += run.tokens_per_step()
             progress.bar.update(1)
             if state.step % config.log_interval == 0:
-                loss_value = loss.item()  # the only host sync in the loop, every log_interval
+                # The loop's only host sync, every log_interval (with --weight_average on a
+                # GPU, AveragedModel also copies its step count to the GPU every step).
+                loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(loss_value, state.step, folder.path)
                 lr = learning_rate_at(state.step, config)

@@ -322,6 +322,28 @@ def test_resume_from_a_checkpoint_missing_its_state_is_one_line(trained, tmp_pat
     one_line_error(capsys, train_model.main([*argv, "--max_iters=40"]), 2, missing)
 
 
+@pytest.mark.parametrize(
+    ("field", "damaged"),
+    [("training_weights", "nan"), ("training_weights", "not a dict"), ("averaged_steps", -1)],
+)
+def test_resume_from_a_damaged_weight_average_is_one_line(
+    trained, tmp_path, capsys, field, damaged
+):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    checkpoint = load_checkpoint(trained / "out" / "ckpt_last.pth")
+    checkpoint["training_weights"] = dict(checkpoint["model"])  # as a run with an average
+    checkpoint["averaged_steps"] = 20
+    if damaged == "nan":
+        name = next(iter(checkpoint["training_weights"]))
+        checkpoint["training_weights"][name] = torch.full_like(checkpoint["model"][name], math.nan)
+    else:
+        checkpoint[field] = damaged
+    save_checkpoint(out_dir / "ckpt_last.pth", checkpoint)
+    argv = [f"--out_dir={out_dir}", f"--data={trained / 'corpus.txt'}", "--resume"]
+    one_line_error(capsys, train_model.main([*argv, "--max_iters=40"]), 2, field)
+
+
 # ---------------------------------------------------------------------------- sampling options
 
 SAMPLING_CASES = [

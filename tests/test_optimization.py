@@ -6,6 +6,8 @@ Run alone: python -m pytest tests/test_optimization.py
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -149,15 +151,18 @@ def test_a_run_with_a_weight_average_saves_it_as_the_model(tmp_path, tiny_corpus
     out_dir = tmp_path / "out"
     argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=12, weight_average=0.8)
     assert train_model.main(argv) == 0
-    checkpoint = load_checkpoint(out_dir / "ckpt_last.pth")
+    plain = tmp_path / "plain"  # the same run without the average
+    assert train_model.main(tiny_train_argv(plain, tiny_corpus, max_iters=12)) == 0
+    checkpoint, without = (load_checkpoint(d / "ckpt_last.pth") for d in (out_dir, plain))
+    assert "training_weights" not in without  # one set of weights, as before
     assert checkpoint["averaged_steps"] == 12
     averaged, raw = checkpoint["model"], checkpoint["training_weights"]
-    assert averaged.keys() == raw.keys()
+    for name, tensor in without["model"].items():  # the average does not change training
+        assert torch.equal(raw[name], tensor), name
     assert not all(torch.equal(averaged[name], raw[name]) for name in averaged)
     model, _ = model_from_checkpoint(checkpoint, CPU)  # what generation loads: the average
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, averaged[name]), name
-    # Without the setting, the checkpoint keeps one set of weights, as before.
-    plain = tmp_path / "plain"
-    assert train_model.main(tiny_train_argv(plain, tiny_corpus, max_iters=12)) == 0
-    assert "training_weights" not in load_checkpoint(plain / "ckpt_last.pth")
+    # Evaluations score the average: the logged losses differ from the plain run's.
+    logged = [(d / "metrics.jsonl").read_text().splitlines()[-1] for d in (out_dir, plain)]
+    assert json.loads(logged[0])["val_loss"] != json.loads(logged[1])["val_loss"]

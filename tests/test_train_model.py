@@ -188,6 +188,26 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(
             assert torch.equal(tensor, saved_b[weights][name]), (weights, name)
 
 
+def test_a_run_resumed_without_its_average_goes_on_from_its_weights(
+    tmp_path, tiny_corpus, monkeypatch
+):
+    plain = tmp_path / "plain"
+    assert train_model.main(tiny_train_argv(plain, tiny_corpus)) == 0
+    averaged = tmp_path / "averaged"
+    with monkeypatch.context() as patch:
+        stop_after(8, patch)
+        argv = tiny_train_argv(averaged, tiny_corpus, weight_average=0.9)
+        assert train_model.main(argv) == 130
+    resume_argv = [f"--out_dir={averaged}", f"--data={tiny_corpus}", "--resume"]
+    assert train_model.main([*resume_argv, "--weight_average=0"]) == 0
+    # The average never changes training: the weights end where the plain run's end.
+    expected = load_checkpoint(plain / "ckpt_last.pth")["model"]
+    resumed = load_checkpoint(averaged / "ckpt_last.pth")
+    assert "training_weights" not in resumed
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
 @pytest.mark.parametrize(
     ("name", "value"), [("n_layer", 3), ("position", "learned"), ("optimizer", "adamw")]
 )
