@@ -200,12 +200,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def is_finite_state(weights: object) -> bool:
-    """Whether `weights` is a state_dict: a dict of tensors, every float in them finite."""
-    return isinstance(weights, dict) and all(
-        isinstance(t, torch.Tensor) and (not t.is_floating_point() or bool(torch.isfinite(t).all()))
-        for t in weights.values()
-    )
+def is_state_dict(weights: object) -> bool:
+    """Whether `weights` has a state_dict's form: a dict of tensors."""
+    return isinstance(weights, dict) and all(isinstance(t, torch.Tensor) for t in weights.values())
+
+
+def first_non_finite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding inf or nan (a diverged run's), or None."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def check_resumable(checkpoint: dict[str, Any]) -> None:
@@ -221,7 +226,8 @@ def check_resumable(checkpoint: dict[str, Any]) -> None:
     ):
         problems.append("rng")
     if "training_weights" in checkpoint:  # a run that kept a moving average of its weights
-        if not is_finite_state(checkpoint["training_weights"]):
+        weights = checkpoint["training_weights"]
+        if not is_state_dict(weights) or first_non_finite(weights) is not None:
             problems.append("training_weights")
         steps = checkpoint.get("averaged_steps")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -297,16 +303,14 @@ def model_from_checkpoint(
             f"{model_config.vocab_size}"
         )
     weights = checkpoint["model"]
-    if not isinstance(weights, dict) or not all(
-        isinstance(t, torch.Tensor) for t in weights.values()
-    ):
+    if not is_state_dict(weights):
         raise UserFacingError("checkpoint's weights are not a dict of tensors")
-    for name, tensor in weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise UserFacingError(
-                f"checkpoint's weights are not all finite numbers ({name}): the run had "
-                "diverged; use an earlier checkpoint"
-            )
+    name = first_non_finite(weights)
+    if name is not None:
+        raise UserFacingError(
+            f"checkpoint's weights are not all finite numbers ({name}): the run had "
+            "diverged; use an earlier checkpoint"
+        )
     require_memory(
         model_memory(model_config), device, "the checkpoint's model", "use a smaller model"
     )

@@ -324,7 +324,12 @@ def test_resume_from_a_checkpoint_missing_its_state_is_one_line(trained, tmp_pat
 
 @pytest.mark.parametrize(
     ("field", "damaged"),
-    [("training_weights", "nan"), ("training_weights", "not a dict"), ("averaged_steps", -1)],
+    [
+        ("training_weights", "nan"),
+        ("training_weights", "not a dict"),
+        ("training_weights", "another shape"),
+        ("averaged_steps", -1),
+    ],
 )
 def test_resume_from_a_damaged_weight_average_is_one_line(
     trained, tmp_path, capsys, field, damaged
@@ -334,9 +339,11 @@ def test_resume_from_a_damaged_weight_average_is_one_line(
     checkpoint = load_checkpoint(trained / "out" / "ckpt_last.pth")
     checkpoint["training_weights"] = dict(checkpoint["model"])  # as a run with an average
     checkpoint["averaged_steps"] = 20
+    name = next(iter(checkpoint["training_weights"]))
     if damaged == "nan":
-        name = next(iter(checkpoint["training_weights"]))
         checkpoint["training_weights"][name] = torch.full_like(checkpoint["model"][name], math.nan)
+    elif damaged == "another shape":
+        checkpoint["training_weights"][name] = torch.zeros(3)
     else:
         checkpoint[field] = damaged
     save_checkpoint(out_dir / "ckpt_last.pth", checkpoint)
