@@ -59,7 +59,7 @@ HOW_TO_TRAIN = "train one with `python train_model.py`"
 # these values say, whatever today's defaults are.
 MODEL_SETTINGS_BEFORE_THEY_EXISTED = {"position": "learned"}
 TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw"}
-DATA_SETTINGS_BEFORE_THEY_EXISTED = {"bpe_vocabulary": "full"}
+DATA_SETTINGS_BEFORE_THEY_EXISTED = {"bpe_vocabulary": "full", "bpe_min_count": 1}
 
 
 @dataclasses.dataclass

@@ -266,8 +266,11 @@ def fitted_splits(
     gpt2 = tokenizer.gpt2 if tokenizer is not None else BPETokenizer()
     gpt2_tokens = encode_corpus(text, gpt2, cache_dir, digest)
     train, val = split_tokens(gpt2_tokens, config.val_fraction, block_size)
-    tokenizer = tokenizer or FittedBPETokenizer.from_training_ids(train.numpy(), gpt2)
-    # The validation text may hold tokens the training text never used: spelled as bytes.
+    tokenizer = tokenizer or FittedBPETokenizer.from_training_ids(
+        train.numpy(), gpt2, config.bpe_min_count
+    )
+    # Tokens outside the vocabulary (in the validation text: also those the training text
+    # never used) are spelled as bytes.
     fitted = [torch.from_numpy(tokenizer.from_gpt2(ids.numpy())) for ids in (train, val)]
     return tokenizer, fitted[0], fitted[1]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bench
-from hyperparameters import ModelConfig, TrainConfig
+from hyperparameters import BPE_DEFAULTS, ModelConfig, TrainConfig
 from model_architecture import GPT
 from quantization import Int8Linear, to_precision
 
@@ -136,17 +136,34 @@ def test_nanogpt_shapes_train_the_way_nanogpt_does():
 
 
 def test_bench_shapes_follow_the_defaults_tables():
-    from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS
+    from hyperparameters import FINE_TUNING_DEFAULTS
 
     model_config, train_config = bench.TRAIN_SHAPES["BPE defaults, fitted"]
     for name, value in BPE_DEFAULTS.items():
         assert getattr(model_config, name, getattr(train_config, name, value)) == value, name
-    assert model_config.vocab_size == bench.FITTED_GPT2_TOKENS
+    assert model_config.vocab_size == bench.FITTED_TWICE_GPT2_TOKENS
     model_config, train_config = bench.TRAIN_SHAPES["GPT-2 124M fine-tuning, full"]
     assert (model_config.n_layer, model_config.n_embd, model_config.vocab_size) == (12, 768, 50257)
     assert model_config.activation == "gelu_tanh"
     assert train_config.optimizer == FINE_TUNING_DEFAULTS["optimizer"]
     assert model_config.dropout == FINE_TUNING_DEFAULTS["dropout"]
+
+
+@pytest.mark.parametrize(
+    ("min_count", "size"),
+    [
+        (1, bench.FITTED_GPT2_TOKENS),
+        (BPE_DEFAULTS["bpe_min_count"], bench.FITTED_TWICE_GPT2_TOKENS),
+    ],
+)
+def test_fitted_vocabulary_sizes_are_tiny_shakespeares(min_count, size, shakespeare_path):
+    from data_handling import load_splits
+    from hyperparameters import DataConfig
+
+    config = DataConfig(
+        data=str(shakespeare_path), tokenizer="bpe", bpe_min_count=min_count, cache_dir=""
+    )
+    assert load_splits(config, block_size=64).tokenizer.vocab_size == size
 
 
 def test_full_validation_scores_every_token_of_the_split(tmp_path, tiny_corpus):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import urllib.error
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +160,12 @@ def test_tokenizer_rebuilds_from_its_description(kind, bpe):
     assert rebuilt.encode("to be") == original.encode("to be")
 
 
-def fitted_splits_of(text, tmp_path, bpe_vocabulary="fitted"):
+def fitted_splits_of(text, tmp_path, bpe_vocabulary="fitted", bpe_min_count=1):
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
-    config = DataConfig(data=str(path), tokenizer="bpe", bpe_vocabulary=bpe_vocabulary)
+    config = DataConfig(
+        data=str(path), tokenizer="bpe", bpe_vocabulary=bpe_vocabulary, bpe_min_count=bpe_min_count
+    )
     return load_splits(config, block_size=8, tokenizer=None)
 
 
@@ -181,6 +184,37 @@ def test_fitted_vocabulary_keeps_gpt2_ids_of_the_training_split(bpe, tmp_path):
     assert not set(bpe.encode(" Zebras")) <= set(fitted.gpt2_ids.tolist())
     assert len(splits.tokens["val"]) > len(gpt2_all) - n_train
     assert fitted.decode(splits.tokens["val"].tolist()) == bpe.decode(gpt2_all[n_train:].tolist())
+
+
+def test_fitted_vocabulary_spells_tokens_used_fewer_than_min_count_times(bpe, tmp_path):
+    text = (
+        "To be, or not to be, that is the question.\n" * 30
+        + "Quoth Prospero.\n"
+        + "To be, quoth the question.\n" * 6
+    )  # 480 GPT-2 tokens: the validation split is the last 48, from the first " question"
+    kept_all = fitted_splits_of(text, tmp_path, bpe_min_count=1)
+    gpt2_train = bpe.encode(text)[: len(kept_all.tokens["train"])]  # one to one at 1
+    counts = Counter(gpt2_train)
+    once = {token for token, n in counts.items() if n == 1} - set(bpe.byte_ids)
+    assert sorted(bpe.decode([token]) for token in once) == [" Prosper", " qu", "Qu"]
+
+    splits = fitted_splits_of(text, tmp_path, bpe_min_count=2)
+    fitted = splits.tokenizer
+    kept = {token for token, n in counts.items() if n >= 2} | set(bpe.byte_ids)
+    assert set(fitted.gpt2_ids.tolist()) == kept
+    # In the training text too, a token used once is spelled with the byte tokens of its bytes.
+    spelled = []
+    for token in gpt2_train:
+        if token in once:
+            spelled += [bpe.byte_ids[byte] for byte in bpe.token_bytes(token)]
+        else:
+            spelled.append(token)
+    assert fitted.gpt2_ids[splits.tokens["train"].numpy()].tolist() == spelled
+    # Both splits still decode to the text they hold.
+    for name in ("train", "val"):
+        assert fitted.decode(splits.tokens[name].tolist()) == kept_all.tokenizer.decode(
+            kept_all.tokens[name].tolist()
+        )
 
 
 def test_fitted_vocabulary_round_trips_any_text(tmp_path):

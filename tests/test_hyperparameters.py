@@ -165,6 +165,7 @@ def test_configs_are_frozen():
         (TrainConfig, {"gradient_accumulation_steps": 0}),
         (TrainConfig, {"sequences_per_pass": -1}),
         (DataConfig, {"val_fraction": 1.0}),
+        (DataConfig, {"bpe_min_count": 0}),
         (SampleConfig, {"temperature": -0.1}),
         (SampleConfig, {"top_k": -1}),
     ],
@@ -179,9 +180,10 @@ def test_bpe_runs_take_the_bpe_defaults_unless_an_option_says_otherwise():
 
     parser = build_parser("t", [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
     classes = [ModelConfig, DataConfig, TrainConfig]
-    (model, _, train), _ = parse_configs(parser, classes, ["--tokenizer=bpe"])
+    (model, data, train), _ = parse_configs(parser, classes, ["--tokenizer=bpe"])
     assert model.block_size == BPE_DEFAULTS["block_size"] != ModelConfig().block_size
     assert train.optimizer == BPE_DEFAULTS["optimizer"] != TrainConfig().optimizer
+    assert data.bpe_min_count == BPE_DEFAULTS["bpe_min_count"] != DataConfig().bpe_min_count
     (model, _, train), given = parse_configs(
         parser, classes, ["--tokenizer=bpe", "--block_size=128", "--optimizer=muon"]
     )
@@ -191,6 +193,7 @@ def test_bpe_runs_take_the_bpe_defaults_unless_an_option_says_otherwise():
     assert (model.block_size, train.optimizer) == (256, "muon")  # characters: the plain ones
     (_, data, train), _ = parse_configs(parser, classes, ["--init_from=gpt2"])
     assert data.tokenizer == "bpe"
+    assert data.bpe_min_count == 1  # GPT-2 knows every token: fine-tuning keeps them all
     assert train.learning_rate == FINE_TUNING_DEFAULTS["learning_rate"]
 
 
