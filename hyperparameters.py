@@ -84,8 +84,9 @@ class DataConfig:
     )
     bpe_vocabulary: Literal["fitted", "full"] = setting(
         "fitted",
-        "bpe only: fitted keeps the GPT-2 tokens the training text uses (and its 256 byte "
-        "tokens, which spell any other); full keeps all 50,257, as GPT-2's own weights need",
+        "bpe only: fitted keeps the GPT-2 tokens the training text uses (see bpe_min_count) "
+        "and GPT-2's 256 byte tokens, which spell any other; full keeps all 50,257, as "
+        "GPT-2's own tokenizer expects",
     )
     bpe_min_count: int = setting(
         1,
