@@ -269,8 +269,8 @@ def fitted_splits(
     tokenizer = tokenizer or FittedBPETokenizer.from_training_ids(
         train.numpy(), gpt2, config.bpe_min_count
     )
-    # Tokens outside the vocabulary (in the validation text: also those the training text
-    # never used) are spelled as bytes.
+    # Tokens outside the vocabulary are spelled as bytes in both splits: those used fewer than
+    # bpe_min_count times, and in the validation text those the training text never used.
     fitted = [torch.from_numpy(tokenizer.from_gpt2(ids.numpy())) for ids in (train, val)]
     return tokenizer, fitted[0], fitted[1]
 

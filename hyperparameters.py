@@ -91,8 +91,8 @@ class DataConfig:
     bpe_min_count: int = setting(
         1,
         "fitted bpe only: keep a GPT-2 token the training text uses at least this often; a "
-        "rarer one is spelled in byte tokens there too, which teaches the model how unseen "
-        "words are spelled; 1 keeps every token the training text uses",
+        "rarer one is spelled in byte tokens in the training text too, which teaches the model "
+        "how unseen words are spelled; 1 keeps every token the training text uses",
     )
     val_fraction: float = setting(0.1, "share of the corpus (its end) held out; 0.05..0.2")
     cache_dir: str = setting(".cache", "folder for encoded-corpus caches; empty = no cache")
@@ -301,9 +301,9 @@ def settings_for_resume(saved: RunSettings, given: dict[str, Any], out_dir: str)
 # learn the text by heart. Small AdamW steps on short contexts, with dropout, overfit least;
 # Muon's fast steps, which win with characters, overfit sooner. A token the training text uses
 # only once is spelled in byte tokens (bpe_min_count 2), so the model learns how the words it
-# has never seen are spelled: worth 0.14 nats per character. Chosen by runs of equal wall time
-# (README, "Why the BPE defaults"): under seven minutes on a 2-core CPU; a ten-minute run
-# scored the same.
+# has never seen are spelled: worth 0.14 nats per character. Chosen by comparing runs (README,
+# "Why the BPE defaults"): under seven minutes on a 2-core CPU; runs of eight to nine minutes
+# scored within 0.004 of it.
 BPE_DEFAULTS: dict[str, Any] = {
     "bpe_min_count": 2,
     "block_size": 64,
@@ -321,6 +321,7 @@ BPE_DEFAULTS: dict[str, Any] = {
 # positions), which keeps a 124M-parameter model's steps affordable on a CPU.
 FINE_TUNING_DEFAULTS: dict[str, Any] = {
     "tokenizer": "bpe",
+    "bpe_min_count": 1,  # GPT-2 knows every token: keep all that the training text uses
     "dropout": 0.1,
     "batch_size": 4,
     "max_iters": 200,

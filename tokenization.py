@@ -204,13 +204,14 @@ class BPETokenizer:
 
 
 class FittedBPETokenizer:
-    """GPT-2's byte-pair encoding, keeping only the tokens a training text uses.
+    """GPT-2's byte-pair encoding, keeping only the tokens a training text uses (often enough).
 
     The kept tokens are exactly GPT-2's, renumbered 0..V-1; GPT-2's 256 single-byte tokens are
-    always kept, and any other token (in the validation text, a prompt, another corpus) is
-    spelled with the byte tokens of its bytes. So every text can be encoded and decodes back
-    exactly. A small model then scores about 11,500 tokens for Tiny Shakespeare instead of
-    50,257 at every position (about 7,900 when a token must be used twice to be kept).
+    always kept, and any other token (in the validation text, a prompt, another corpus, or a
+    token the training text uses too rarely) is spelled with the byte tokens of its bytes. So
+    every text can be encoded and decodes back exactly. A small model then scores about 11,500
+    tokens for Tiny Shakespeare instead of 50,257 at every position (about 7,900 when a token
+    must be used twice to be kept).
     """
 
     kind = "bpe"

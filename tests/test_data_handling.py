@@ -210,6 +210,9 @@ def test_fitted_vocabulary_spells_tokens_used_fewer_than_min_count_times(bpe, tm
         else:
             spelled.append(token)
     assert fitted.gpt2_ids[splits.tokens["train"].numpy()].tolist() == spelled
+    # " qu", used once in training, comes back in the validation text: spelled there too.
+    assert once & set(kept_all.tokenizer.gpt2_ids[kept_all.tokens["val"].numpy()].tolist())
+    assert not once & set(fitted.gpt2_ids[splits.tokens["val"].numpy()].tolist())
     # Both splits still decode to the text they hold.
     for name in ("train", "val"):
         assert fitted.decode(splits.tokens[name].tolist()) == kept_all.tokenizer.decode(
