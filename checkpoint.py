@@ -39,7 +39,7 @@ from common import UserFacingError, first_line, write_atomically
 from devices import model_memory, require_memory
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
-from optimization import Optimizer
+from optimization import Optimizer, model_to_keep
 from quantization import to_precision
 from tokenization import Tokenizer, tokenizer_from_dict
 
@@ -112,7 +112,7 @@ def make_checkpoint(
         "train_config": dataclasses.asdict(settings.train),
         "tokenizer": description.tokenizer.to_dict(),
         # The raw module (no torch.compile key prefixes), or its average.
-        "model": (model if average is None else average.module).state_dict(),
+        "model": model_to_keep(model, average).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "step": state.step,

@@ -114,3 +114,8 @@ def weight_average(model: GPT, decay: float) -> AveragedModel | None:
     if decay == 0:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def model_to_keep(model: GPT, average: AveragedModel | None) -> GPT:
+    """What checkpoints and generation keep: the weights' moving average if one is kept."""
+    return model if average is None else average.module

@@ -77,7 +77,13 @@ from hyperparameters import (
     settings_for_resume,
 )
 from model_architecture import GPT
-from optimization import Optimizer, learning_rate_at, make_optimizer, weight_average
+from optimization import (
+    Optimizer,
+    learning_rate_at,
+    make_optimizer,
+    model_to_keep,
+    weight_average,
+)
 from run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
 from training_log import (
     Progress,
@@ -125,7 +131,7 @@ class Run:
 
     def final_model(self) -> GPT:
         """What checkpoints keep for generation: the weights' average if one is kept."""
-        return self.model if self.average is None else self.average.module
+        return model_to_keep(self.model, self.average)
 
     def evaluated(self) -> torch.nn.Module:
         """What evaluations run: final_model(), wrapped as training runs it if no average is kept.
