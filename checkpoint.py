@@ -59,7 +59,11 @@ HOW_TO_TRAIN = "train one with `python train_model.py`"
 # these values say, whatever today's defaults are.
 MODEL_SETTINGS_BEFORE_THEY_EXISTED = {"position": "learned"}
 TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw"}
-DATA_SETTINGS_BEFORE_THEY_EXISTED = {"bpe_vocabulary": "full", "bpe_min_count": 1}
+DATA_SETTINGS_BEFORE_THEY_EXISTED = {
+    "bpe_vocabulary": "full",
+    "bpe_min_count": 1,
+    "bpe_spell_fraction": 0.0,
+}
 
 
 @dataclasses.dataclass

@@ -44,6 +44,7 @@ DEFAULT_CORPUS = Path("input.txt")
 # character at the peak); beyond this size, train on a part of it.
 MAX_CORPUS_BYTES = 1 << 30
 TOKEN_CACHES_KEPT = 4  # the token caches a cache folder keeps (the most recently used)
+SPELLING_SEED = 0  # which training tokens bpe_spell_fraction spells (fixed: see its use)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,9 +271,22 @@ def fitted_splits(
         train.numpy(), gpt2, config.bpe_min_count
     )
     # Tokens outside the vocabulary are spelled as bytes in both splits: those used fewer than
-    # bpe_min_count times, and in the validation text those the training text never used.
-    fitted = [torch.from_numpy(tokenizer.from_gpt2(ids.numpy())) for ids in (train, val)]
-    return tokenizer, fitted[0], fitted[1]
+    # bpe_min_count times, and in the validation text those the training text never used. In
+    # the training text, a random share of the others too (bpe_spell_fraction).
+    spell = positions_to_spell(len(train), config.bpe_spell_fraction)
+    fitted_train = torch.from_numpy(tokenizer.from_gpt2(train.numpy(), spell))
+    return tokenizer, fitted_train, torch.from_numpy(tokenizer.from_gpt2(val.numpy()))
+
+
+def positions_to_spell(n_tokens: int, fraction: float) -> np.ndarray | None:
+    """Each of n_tokens marked with probability `fraction` (None for 0), the same every time.
+
+    The draw has a seed of its own, not the run's: a run, its --resume and bench.py's scoring
+    must all see the same training text.
+    """
+    if fraction == 0:
+        return None
+    return np.random.default_rng(SPELLING_SEED).random(n_tokens) < fraction
 
 
 def load_splits(

@@ -242,9 +242,14 @@ class FittedBPETokenizer:
         ids, counts = np.unique(train_ids, return_counts=True)
         return cls(ids[counts >= min_count].tolist(), gpt2)
 
-    def from_gpt2(self, gpt2_ids: np.ndarray) -> np.ndarray:
-        """GPT-2 ids to fitted ids (uint16); a token outside the vocabulary becomes its bytes."""
+    def from_gpt2(self, gpt2_ids: np.ndarray, spell: np.ndarray | None = None) -> np.ndarray:
+        """GPT-2 ids to fitted ids (uint16); a token outside the vocabulary becomes its bytes.
+
+        `spell`, one boolean per id, marks more tokens to spell in bytes (a byte token stays).
+        """
         fitted = self.fitted_ids[np.asarray(gpt2_ids, dtype=np.int64)]
+        if spell is not None:
+            fitted = np.where(spell, -1, fitted)
         missing = np.flatnonzero(fitted < 0)
         pieces, start = [], 0
         for position in missing.tolist():

@@ -160,12 +160,10 @@ def test_tokenizer_rebuilds_from_its_description(kind, bpe):
     assert rebuilt.encode("to be") == original.encode("to be")
 
 
-def fitted_splits_of(text, tmp_path, bpe_vocabulary="fitted", bpe_min_count=1):
+def fitted_splits_of(text, tmp_path, **settings):
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
-    config = DataConfig(
-        data=str(path), tokenizer="bpe", bpe_vocabulary=bpe_vocabulary, bpe_min_count=bpe_min_count
-    )
+    config = DataConfig(data=str(path), tokenizer="bpe", **settings)
     return load_splits(config, block_size=8, tokenizer=None)
 
 
@@ -218,6 +216,34 @@ def test_fitted_vocabulary_spells_tokens_used_fewer_than_min_count_times(bpe, tm
         assert fitted.decode(splits.tokens[name].tolist()) == kept_all.tokenizer.decode(
             kept_all.tokens[name].tolist()
         )
+
+
+def test_bpe_spell_fraction_spells_that_share_of_the_training_tokens_in_bytes(bpe, tmp_path):
+    text = "To be, or not to be, that is the question.\n" * 300  # 3,600 GPT-2 tokens
+    plain = fitted_splits_of(text, tmp_path)
+    splits = fitted_splits_of(text, tmp_path, bpe_spell_fraction=0.1)
+    fitted = splits.tokenizer
+    # The vocabulary, the validation split and the text the training split spells stay.
+    assert np.array_equal(fitted.gpt2_ids, plain.tokenizer.gpt2_ids)
+    assert torch.equal(splits.tokens["val"], plain.tokens["val"])
+    assert fitted.decode(splits.tokens["train"].tolist()) == fitted.decode(
+        plain.tokens["train"].tolist()
+    )
+    # The drawn positions are spelled with the byte tokens of their bytes, the others kept.
+    gpt2_train = fitted.gpt2_ids[plain.tokens["train"].numpy()]
+    drawn = data_handling.positions_to_spell(len(gpt2_train), 0.1)
+    assert 0.08 < drawn.mean() < 0.12
+    expected = []
+    for token, spell in zip(gpt2_train.tolist(), drawn.tolist(), strict=True):
+        if spell:
+            expected += [bpe.byte_ids[byte] for byte in bpe.token_bytes(token)]
+        else:
+            expected.append(token)
+    assert fitted.gpt2_ids[splits.tokens["train"].numpy()].tolist() == expected
+    assert len(expected) > len(gpt2_train) * 1.2  # most words here are several bytes long
+    # The same positions every time: a resumed run and bench.py see the text the run saw.
+    again = fitted_splits_of(text, tmp_path, bpe_spell_fraction=0.1)
+    assert torch.equal(again.tokens["train"], splits.tokens["train"])
 
 
 def test_fitted_vocabulary_round_trips_any_text(tmp_path):

@@ -166,6 +166,8 @@ def test_configs_are_frozen():
         (TrainConfig, {"sequences_per_pass": -1}),
         (DataConfig, {"val_fraction": 1.0}),
         (DataConfig, {"bpe_min_count": 0}),
+        (DataConfig, {"bpe_spell_fraction": -0.1}),
+        (DataConfig, {"bpe_spell_fraction": 1.0}),
         (SampleConfig, {"temperature": -0.1}),
         (SampleConfig, {"top_k": -1}),
     ],
@@ -184,6 +186,7 @@ def test_bpe_runs_take_the_bpe_defaults_unless_an_option_says_otherwise():
     assert model.block_size == BPE_DEFAULTS["block_size"] != ModelConfig().block_size
     assert train.optimizer == BPE_DEFAULTS["optimizer"] != TrainConfig().optimizer
     assert data.bpe_min_count == BPE_DEFAULTS["bpe_min_count"] != DataConfig().bpe_min_count
+    assert data.bpe_spell_fraction == BPE_DEFAULTS["bpe_spell_fraction"] > 0
     (model, _, train), given = parse_configs(
         parser, classes, ["--tokenizer=bpe", "--block_size=128", "--optimizer=muon"]
     )
@@ -194,6 +197,7 @@ def test_bpe_runs_take_the_bpe_defaults_unless_an_option_says_otherwise():
     (_, data, train), _ = parse_configs(parser, classes, ["--init_from=gpt2"])
     assert data.tokenizer == "bpe"
     assert data.bpe_min_count == 1  # GPT-2 knows every token: fine-tuning keeps them all
+    assert data.bpe_spell_fraction == 0  # and reads the text as GPT-2 would
     assert train.learning_rate == FINE_TUNING_DEFAULTS["learning_rate"]
 
 
