@@ -284,7 +284,13 @@ def starting_state(run: Run, checkpoint: dict[str, Any] | None, folder: RunFolde
         history=read_history(folder.metrics, resumed_step),
         restore_random_streams=run.distributed.is_main,
     )
-    print(f"resuming from step {state.step} (best validation loss {state.best_val_loss:.4f})")
+    best = min(state.history, key=lambda row: row["val_loss"], default=None)
+    best_loss = (  # per character, as the log says it; the history can be missing
+        f"{nats_per_char(best['val_bpc']):.4f} nats/char"
+        if best is not None and math.isclose(best["val_loss"], state.best_val_loss)
+        else f"{state.best_val_loss:.4f} nats/token"
+    )
+    print(f"resuming from step {state.step} (best validation loss {best_loss})")
     return state
 
 

@@ -7,6 +7,7 @@ Run alone: python -m pytest tests/test_end_to_end.py
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,10 @@ def trained(tmp_path_factory) -> Path:
         TRAIN, *TINY_MODEL, "--max_iters=90", "--eval_interval=30", "--resume", cwd=workdir
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from step 60" in resumed.stdout
+    # The best loss so far, per character like every headline figure of the log.
+    assert re.search(
+        r"resuming from step 60 \(best validation loss [0-9.]+ nats/char\)", resumed.stdout
+    )
     return workdir
 
 
