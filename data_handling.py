@@ -45,6 +45,7 @@ DEFAULT_CORPUS = Path("input.txt")
 MAX_CORPUS_BYTES = 1 << 30
 TOKEN_CACHES_KEPT = 4  # the token caches a cache folder keeps (the most recently used)
 SPELLING_SEED = 0  # which training tokens bpe_spell_fraction spells (fixed: see its use)
+SPELLING_PIECE = 1 << 20  # tokens drawn at a time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,12 +282,18 @@ def fitted_splits(
 def positions_to_spell(n_tokens: int, fraction: float) -> np.ndarray | None:
     """Each of n_tokens marked with probability `fraction` (None for 0), the same every time.
 
-    The draw has a seed of its own, not the run's: a run, its --resume and bench.py's scoring
-    must all see the same training text.
+    The draw has a seed of its own, not the run's: a run, its --resume (even with another
+    --seed) and every process of a distributed run must see the same training text. It is
+    drawn a piece at a time (the same stream as one draw) to keep one byte a token in memory.
     """
     if fraction == 0:
         return None
-    return np.random.default_rng(SPELLING_SEED).random(n_tokens) < fraction
+    generator = np.random.default_rng(SPELLING_SEED)
+    pieces = [
+        generator.random(min(SPELLING_PIECE, n_tokens - start)) < fraction
+        for start in range(0, n_tokens, SPELLING_PIECE)
+    ]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=bool)
 
 
 def load_splits(

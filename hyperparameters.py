@@ -98,7 +98,7 @@ class DataConfig:
         0.0,
         "fitted bpe only: share of the training text's tokens spelled in byte tokens instead, "
         "drawn at random (the same ones every run), so the model practises the spellings that "
-        "words it has never seen need; 0..0.1",
+        "words it has never seen need; 0..0.05",
     )
     val_fraction: float = setting(0.1, "share of the corpus (its end) held out; 0.05..0.2")
     cache_dir: str = setting(".cache", "folder for encoded-corpus caches; empty = no cache")

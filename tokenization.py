@@ -208,7 +208,8 @@ class FittedBPETokenizer:
 
     The kept tokens are exactly GPT-2's, renumbered 0..V-1; GPT-2's 256 single-byte tokens are
     always kept, and any other token (in the validation text, a prompt, another corpus, or a
-    token the training text uses too rarely) is spelled with the byte tokens of its bytes. So
+    token the training text uses too rarely) is spelled with the byte tokens of its bytes, as
+    is, in the training text, a random share of the kept ones (bpe_spell_fraction). So
     every text can be encoded and decodes back exactly. A small model then scores about 11,500
     tokens for Tiny Shakespeare instead of 50,257 at every position (about 7,900 when a token
     must be used twice to be kept).
@@ -249,7 +250,7 @@ class FittedBPETokenizer:
         """
         fitted = self.fitted_ids[np.asarray(gpt2_ids, dtype=np.int64)]
         if spell is not None:
-            fitted = np.where(spell, -1, fitted)
+            fitted[spell] = -1  # fitted is a new array: indexing copied it
         missing = np.flatnonzero(fitted < 0)
         pieces, start = [], 0
         for position in missing.tolist():

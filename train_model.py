@@ -88,6 +88,7 @@ from run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
 from training_log import (
     Progress,
     TensorBoardLog,
+    best_evaluation,
     evaluation_row,
     model_sample,
     nats_per_char,
@@ -284,7 +285,7 @@ def starting_state(run: Run, checkpoint: dict[str, Any] | None, folder: RunFolde
         history=read_history(folder.metrics, resumed_step),
         restore_random_streams=run.distributed.is_main,
     )
-    best = min(state.history, key=lambda row: row["val_loss"], default=None)
+    best = best_evaluation(state.history)
     best_loss = (  # per character, as the log says it; the history can be missing
         f"{nats_per_char(best['val_bpc']):.4f} nats/char"
         if best is not None and math.isclose(best["val_loss"], state.best_val_loss)
@@ -463,7 +464,8 @@ def train(run: Run, state: TrainingState, description: RunDescription, folder: R
                 progress.log_step(state.step, loss_value, lr, grad_norm.item())
     wait_for_all(run.distributed)  # nobody shuts down while process 0 still saves
     if run.distributed.is_main:
-        best = min(state.history, key=lambda row: row["val_loss"])
+        best = best_evaluation(state.history)
+        assert best is not None, "a finished run has evaluated at least once"
         print(
             f"done in {state.history[-1]['elapsed_s']:.0f} s: best validation loss "
             f"{nats_per_char(best['val_bpc']):.4f} nats/char ({best['val_bpc']:.3f} bits/char, "

@@ -95,6 +95,11 @@ def _parse_row(line: str) -> dict[str, Any] | None:
     return row if sound else None
 
 
+def best_evaluation(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluation with the lowest validation loss (None before the first)."""
+    return min(history, key=lambda row: row["val_loss"], default=None)
+
+
 def first_reached(history: list[dict[str, Any]], nats_per_char_target: float) -> Any:
     """The first evaluation at or below a validation loss in nats per character, or None."""
     return next(

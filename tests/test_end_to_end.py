@@ -7,6 +7,7 @@ Run alone: python -m pytest tests/test_end_to_end.py
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -68,9 +69,12 @@ def trained(tmp_path_factory) -> Path:
     )
     assert resumed.returncode == 0, resumed.stderr
     # The best loss so far, per character like every headline figure of the log.
-    assert re.search(
-        r"resuming from step 60 \(best validation loss [0-9.]+ nats/char\)", resumed.stdout
+    said = re.search(
+        r"resuming from step 60 \(best validation loss ([0-9.]+) nats/char\)", resumed.stdout
     )
+    assert said, resumed.stdout
+    best_bpc = min(json.loads(line)["val_bpc"] for line in first_metrics.splitlines())
+    assert float(said.group(1)) == pytest.approx(best_bpc * math.log(2), abs=1e-4)
     return workdir
 
 
