@@ -56,6 +56,7 @@ class TrainingCase:
 
 TRAINING_CASES = (  # name, n_layer, n_head, n_embd, block_size, batch_size, dropout, steps
     TrainingCase("baby 4x128, block 64, batch 12, dropout 0", 4, 4, 128, 64, 12, 0.0, 400),
+    TrainingCase("baby 4x128, block 64, batch 12, dropout 0.2", 4, 4, 128, 64, 12, 0.2, 400),
     TrainingCase("6x384, block 256, batch 64, dropout 0.2", 6, 6, 384, 256, 64, 0.2, 3),
     TrainingCase("6x384, block 256, batch 64, dropout 0.2, nanoGPT in 8 passes of 8",
                  6, 6, 384, 256, 64, 0.2, 3, nanogpt_passes=8),

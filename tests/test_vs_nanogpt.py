@@ -52,9 +52,12 @@ def test_a_failing_command_is_one_line(tmp_path):
         vs_nanogpt.run_measured(command, tmp_path)
 
 
-def test_both_projects_get_the_same_work():
-    case = vs_nanogpt.TRAINING_CASES[1]
-    assert case.nanogpt_passes == 1
+@pytest.mark.parametrize(
+    "case",
+    [c for c in vs_nanogpt.TRAINING_CASES if c.nanogpt_passes == 1],
+    ids=lambda c: c.name,
+)
+def test_both_projects_get_the_same_work(case):
     theirs = vs_nanogpt.nanogpt_training(case, case.steps, Path("out"))
     ours = vs_nanogpt.our_training(case, case.steps, Path("out"), Path("input.txt"))
     for setting in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout"):
