@@ -91,7 +91,7 @@ def test_sigkill_at_twenty_moments_never_breaks_the_latest_checkpoint(workdir):
             # Two kills land during start-up: importing, loading the checkpoint.
             time.sleep(0.3 * kill)
         else:
-            # The other odd kills land after the run has saved once more, 0 to 0.38 s later:
+            # The other odd kills land after the run has saved once more, 0.1 to 0.38 s later:
             # training steps, an evaluation. Waiting for that save, rather than a fixed time,
             # makes sure the runs get somewhere however slow the machine is.
             saved = latest.stat().st_mtime_ns
