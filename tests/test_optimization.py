@@ -16,7 +16,14 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import build_training, tiny_train_argv
 from hyperparameters import TrainConfig
 from model_architecture import GPT
-from optimization import CombinedOptimizer, learning_rate_at, make_optimizer, weight_average
+from optimization import (
+    CombinedOptimizer,
+    Muon,
+    learning_rate_at,
+    make_optimizer,
+    orthogonalize,
+    weight_average,
+)
 
 CPU = torch.device("cpu")
 
@@ -59,7 +66,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_model_config):
     optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), CPU)
     assert isinstance(optimizer, CombinedOptimizer)
     muon, adamw = optimizer.optimizers
-    assert isinstance(muon, torch.optim.Muon)
+    assert isinstance(muon, Muon)
+    assert muon.orthogonalize_dtype == torch.float32  # on a CPU
     assert isinstance(adamw, torch.optim.AdamW)
     muon_ids = {id(p) for group in muon.param_groups for p in group["params"]}
     adamw_ids = {id(p) for group in adamw.param_groups for p in group["params"]}
@@ -71,6 +79,89 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_model_config):
     assert id(model.token_embedding.weight) in adamw_ids
     assert muon_ids.isdisjoint(adamw_ids)
     assert len(muon_ids | adamw_ids) == len(list(model.parameters()))  # every weight, once
+
+
+TORCH_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults
+MATRIX_SHAPES = [(48, 16), (16, 16), (16, 64), (8, 40)]  # tall, square, wide
+
+
+def matrices(seed: int) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(0.02 * torch.randn(shape, generator=generator))
+        for shape in MATRIX_SHAPES
+    ]
+
+
+def step_both(ours: torch.optim.Optimizer, reference: torch.optim.Optimizer, steps: int, seed: int):
+    """Give both optimizers the same random gradients and step them."""
+    generator = torch.Generator().manual_seed(seed)
+    ours_params = [p for group in ours.param_groups for p in group["params"]]
+    reference_params = [p for group in reference.param_groups for p in group["params"]]
+    for _ in range(steps):
+        for mine, theirs in zip(ours_params, reference_params, strict=True):
+            grad = torch.randn(mine.shape, generator=generator)
+            mine.grad, theirs.grad = grad.clone(), grad.clone()
+        ours.step()
+        reference.step()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"},  # what training uses
+        {"lr": 0.05, "weight_decay": 0.0, "nesterov": False, "momentum": 0.9},
+        {"lr": 0.01, "ns_steps": 3, "adjust_lr_fn": "original"},
+    ],
+)
+def test_muon_in_bfloat16_steps_exactly_as_torchs(settings):
+    ours_params, reference_params = matrices(0), matrices(0)
+    ours = Muon(ours_params, orthogonalize_dtype=torch.bfloat16, **settings)
+    reference = torch.optim.Muon(reference_params, **settings)
+    step_both(ours, reference, steps=4, seed=1)
+    for mine, theirs, start in zip(ours_params, reference_params, matrices(0), strict=True):
+        assert torch.equal(mine, theirs)
+        assert not torch.equal(mine, start)  # it moved
+    for mine, theirs in zip(ours.state.values(), reference.state.values(), strict=True):
+        assert torch.equal(mine["momentum_buffer"], theirs["momentum_buffer"])
+
+
+@pytest.mark.parametrize("shape", [(384, 128), (128, 512), (128, 128)])
+def test_float32_orthogonalisation_is_bfloat16s_without_the_rounding(shape):
+    update = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    exact = orthogonalize(update, TORCH_COEFFICIENTS, 5, 1e-7, torch.float32)
+    rounded = orthogonalize(update, TORCH_COEFFICIENTS, 5, 1e-7, torch.bfloat16).float()
+    assert exact.dtype == torch.float32
+    assert exact.shape == shape
+    # bfloat16 keeps 8 bits of mantissa: the two agree to about 1%.
+    assert (exact - rounded).norm() / exact.norm() < 0.03
+    # Singular values near 1, not exactly (a square random matrix has a few far smaller ones).
+    singular_values = torch.linalg.svdvals(exact)
+    near_one = (singular_values > 0.6) & (singular_values < 1.25)
+    assert near_one.float().mean() > (0.95 if shape[0] == shape[1] else 0.999)
+    assert singular_values.max() < 1.25
+
+
+def test_muon_resumes_torchs_saved_state_and_torchs_resumes_ours():
+    saved_by_torch = torch.optim.Muon(matrices(0), lr=0.02, adjust_lr_fn="match_rms_adamw")
+    saved_by_ours = Muon(matrices(0), torch.bfloat16, lr=0.02, adjust_lr_fn="match_rms_adamw")
+    step_both(saved_by_ours, saved_by_torch, steps=3, seed=1)  # both hold momentum now
+    ours_params, torch_params = matrices(5), matrices(5)
+    ours = Muon(ours_params, torch.bfloat16)
+    reference = torch.optim.Muon(torch_params)
+    ours.load_state_dict(saved_by_torch.state_dict())
+    reference.load_state_dict(saved_by_ours.state_dict())
+    assert ours.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"  # the saved settings
+    step_both(ours, reference, steps=2, seed=2)
+    for mine, theirs in zip(ours_params, torch_params, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_muon_orthogonalises_in_bfloat16_on_cuda_only(tiny_model_config):
+    model = tiny_model(tiny_model_config)
+    for device, dtype in [("cpu", torch.float32), ("cuda", torch.bfloat16)]:
+        optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device(device))
+        assert optimizer.optimizers[0].orthogonalize_dtype == dtype
 
 
 def test_one_learning_rate_reaches_every_group(tiny_model_config):
