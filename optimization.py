@@ -96,9 +96,7 @@ def muon_learning_rate(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -
     rows, columns = shape[:2]
     if adjust_lr_fn == "match_rms_adamw":  # the size of an AdamW step (Moonshot, 2025)
         return lr * 0.2 * math.sqrt(max(rows, columns))
-    if adjust_lr_fn in (None, "original"):  # Jordan's rule: tall matrices step further
-        return lr * math.sqrt(max(1.0, rows / columns))
-    return lr
+    return lr * math.sqrt(max(1.0, rows / columns))  # "original" (Jordan): tall ones step further
 
 
 class Muon(torch.optim.Muon):
