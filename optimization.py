@@ -68,8 +68,8 @@ def orthogonalize(
 ) -> torch.Tensor:
     """The orthogonal matrix nearest to update, roughly: U V^T where update = U S V^T.
 
-    Newton-Schulz iteration. Scaled so that its largest singular value is at most 1, X goes
-    through `steps` rounds of the odd polynomial
+    Newton-Schulz iteration: X, the update scaled so that its largest singular value is at
+    most 1, goes through `steps` rounds of the odd polynomial
 
         X <- a X + b (X X^T) X + c (X X^T)^2 X
 
