@@ -293,11 +293,12 @@ def saved_corpus_sha256(checkpoint: dict[str, Any]) -> str:
 
 
 def model_from_checkpoint(
-    checkpoint: dict[str, Any], device: torch.device, precision: str = "float32"
+    checkpoint: dict[str, Any], device: torch.device, precision: str | None = None
 ) -> tuple[GPT, Tokenizer]:
     """Rebuild the model (in eval mode, on `device`) and its tokenizer from a checkpoint alone.
 
-    precision: "float32", "bfloat16" or "int8" (see quantization.py).
+    precision: None keeps the model as it trained (float32 nn.Linear layers), to train on or
+    export; "float32", "bfloat16" or "int8" prepare it for generation (see quantization.py).
     """
     model_config = saved_model_config(checkpoint)
     tokenizer = saved_tokenizer(checkpoint)
@@ -326,7 +327,10 @@ def model_from_checkpoint(
         details = str(err).strip().splitlines()
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
-    return to_precision(model.to(device), precision).eval(), tokenizer
+    model = model.to(device)
+    if precision is not None:
+        model = to_precision(model, precision)
+    return model.eval(), tokenizer
 
 
 def restore_weights(checkpoint: dict[str, Any], model: GPT, average: AveragedModel | None) -> None:

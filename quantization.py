@@ -1,4 +1,4 @@
-"""Number types for generation: float32, bfloat16, or int8 weights in the blocks' linear layers.
+"""Generation's linear layers: float32 products on every core, bfloat16, or int8 weights.
 
     python generate_text.py --precision int8 --compile --max_new_tokens 20000  # long texts
 
@@ -14,9 +14,14 @@ faster there, with the weight expanded to float32 for the call. Elsewhere (and f
 kernel does not take) the weight is expanded back to the input's type at every call: correct,
 but slower than float32. Only the blocks' linear layers are stored so; the token embedding,
 which the output layer shares, and the norms keep float32.
+
+In float32, the blocks' layers become AllCoresLinear: the same weights, with a one-row product
+split over the CPU's cores, which PyTorch would run on one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,14 +82,63 @@ class Int8Linear(nn.Module):
         return f"in_features={in_features}, out_features={out_features}, int8"
 
 
-def to_int8(model: GPT) -> GPT:
-    """Replace every linear layer inside the blocks by an Int8Linear, in place."""
+class AllCoresLinear(nn.Module):
+    """A float32 linear layer whose one-row products, a generated token's, use every CPU core.
+
+    A one-token step multiplies a single row by each weight matrix. On a CPU, PyTorch runs such a
+    matrix-vector product on one core: on two cores, the 24 products of a 6 x 384 model took as
+    long with one thread as with two. Cut into one slab of output rows per thread, the same
+    product becomes a batched multiply, and PyTorch runs the slabs on separate cores:
+
+        x W^T = [x W_1^T, ..., x W_P^T],   W_p = rows (p - 1) out / P .. p out / P - 1 of W
+
+    More rows (a prompt, a moved window, training) go through F.linear, as nn.Linear does.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight  # (out, in), shared with the layer it replaces
+        self.bias = linear.bias
+        # One slab per thread PyTorch has now (fewer if the rows do not divide evenly). Fixed
+        # here rather than asked at each call, which torch.compile could not trace.
+        self.parts = torch.get_num_threads()
+        while linear.out_features % self.parts != 0:
+            self.parts -= 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out), as nn.Linear computes it, up to rounding."""
+        out_features, in_features = self.weight.shape
+        P = self.parts
+        if x.device.type != "cpu" or x.numel() != in_features or P == 1:
+            return F.linear(x, self.weight, self.bias)  # not one row on a CPU, or one core
+        slabs = self.weight.view(P, out_features // P, in_features)  # (P, out/P, in)
+        row = x.reshape(1, 1, in_features).expand(P, 1, in_features)  # (P, 1, in)
+        bias = self.weight.new_zeros(out_features) if self.bias is None else self.bias
+        # bias + row @ slab^T for each slab p: (P, 1, out/P), slab p's outputs in order.
+        # baddbmm rather than `+` and bmm: torch.compile would turn a one-row bmm into loops of
+        # its own, slower here than PyTorch's multiply, which it keeps for baddbmm.
+        y = torch.baddbmm(bias.view(P, 1, out_features // P), row, slabs.transpose(1, 2))
+        return y.view(*x.shape[:-1], out_features)  # (..., out)
+
+    def extra_repr(self) -> str:
+        """Shown in print(model)."""
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}, parts={self.parts}"
+
+
+def replace_block_linears(model: GPT, layer: Callable[[nn.Linear], nn.Module]) -> GPT:
+    """Replace every nn.Linear inside the blocks by layer(it), in place."""
     for block in model.blocks:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
+                    setattr(parent, name, layer(child))
     return model
+
+
+def to_int8(model: GPT) -> GPT:
+    """Replace every linear layer inside the blocks by an Int8Linear, in place."""
+    return replace_block_linears(model, Int8Linear)
 
 
 def to_precision(model: GPT, precision: str) -> GPT:
@@ -92,4 +146,7 @@ def to_precision(model: GPT, precision: str) -> GPT:
     assert precision in PRECISIONS, f"unknown precision {precision!r}"
     if precision == "int8":
         return to_int8(model.float())
-    return model.to(getattr(torch, precision))
+    model = model.to(getattr(torch, precision))
+    if precision == "float32":  # in bfloat16, the batched multiply was slower than one core
+        replace_block_linears(model, AllCoresLinear)
+    return model

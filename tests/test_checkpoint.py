@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import common
 from checkpoint import (
@@ -30,6 +31,7 @@ from conftest import SMALL_TEXT
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import make_optimizer
+from quantization import AllCoresLinear, Int8Linear
 from tokenization import BPETokenizer, CharTokenizer
 
 CPU = torch.device("cpu")
@@ -82,6 +84,18 @@ def test_round_trip_gives_bit_identical_logits(parts, saved):
     assert checkpoint["best_val_loss"] == 2.5
     assert tokenizer.to_dict() == parts.tokenizer.to_dict()
     assert saved_settings(checkpoint) == parts.description.settings
+
+
+def test_a_checkpoint_loads_as_trained_or_prepared_for_generation(saved):
+    def block_layer_types(model) -> set[type]:
+        return {type(m) for m in model.blocks.modules() if hasattr(m, "weight")} - {nn.LayerNorm}
+
+    trained, _ = model_from_checkpoint(load_checkpoint(saved), CPU)  # to train on or export
+    assert block_layer_types(trained) == {nn.Linear}
+    generating, _ = model_from_checkpoint(load_checkpoint(saved), CPU, "float32")
+    assert block_layer_types(generating) == {AllCoresLinear}
+    int8, _ = model_from_checkpoint(load_checkpoint(saved), CPU, "int8")
+    assert block_layer_types(int8) == {Int8Linear}
 
 
 def test_restored_state_continues_the_saved_streams(parts, saved):

@@ -1,4 +1,4 @@
-"""int8 weights for generation: close to float32, and a model that still generates."""
+"""Generation's layers: int8 weights close to float32, float32 products on every core."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from model_architecture import GPT, generate
-from quantization import FLOAT32_MULTIPLY_MIN_ROWS, Int8Linear, to_precision
+from quantization import FLOAT32_MULTIPLY_MIN_ROWS, AllCoresLinear, Int8Linear, to_precision
 
 
 @pytest.mark.parametrize("in_features", [32, 20])  # the CPU kernel's width, and another
@@ -93,7 +93,62 @@ def test_an_int8_model_gives_close_logits_and_generates(tiny_model_config):
     assert tokens == uncached
 
 
-def test_float_precisions_only_change_the_number_type(tiny_model_config):
+def test_bfloat16_only_changes_the_number_type(tiny_model_config):
     model = to_precision(GPT(tiny_model_config), "bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert not any(isinstance(m, (Int8Linear, AllCoresLinear)) for m in model.modules())
+
+
+def batched_calls(layer: AllCoresLinear, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """layer(x), and how many batched multiplies (one slab per core) it made."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as recorded:
+        y = layer(x)
+    return y, sum(event.name == "aten::baddbmm" for event in recorded.events())
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_an_all_cores_layer_computes_what_nn_linear_does(parts, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(20, 24, bias=bias)
+    layer = AllCoresLinear(linear)
+    layer.parts = parts  # as if PyTorch had that many threads when the layer was made
+    for one_row in (torch.randn(1, 1, 20), torch.randn(20), torch.randn(1, 20)):
+        got, calls = batched_calls(layer, one_row)
+        assert calls == 1  # one row: the slabs' batched multiply
+        assert got.shape == linear(one_row).shape
+        torch.testing.assert_close(got, linear(one_row))
+    many_rows = torch.randn(2, 5, 20)
+    got, calls = batched_calls(layer, many_rows)
+    assert calls == 0  # nn.Linear's own multiply
+    assert torch.equal(got, linear(many_rows))
+
+
+def test_an_all_cores_layer_takes_one_slab_per_thread_that_divides_its_rows():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert AllCoresLinear(nn.Linear(8, 12)).parts == 4
+        assert AllCoresLinear(nn.Linear(8, 6)).parts == 3  # 6 rows: 3 slabs of 2
+        assert AllCoresLinear(nn.Linear(8, 7)).parts == 1  # a prime: F.linear, on one core
+        torch.set_num_threads(1)
+        assert AllCoresLinear(nn.Linear(8, 12)).parts == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_float32_model_generates_as_before_with_all_cores_layers(tiny_model_config):
+    torch.manual_seed(0)
+    plain = GPT(tiny_model_config).eval()
+    model = GPT(tiny_model_config)
+    model.load_state_dict(plain.state_dict())
+    model = to_precision(model, "float32").eval()
+    layers = [m for m in model.modules() if isinstance(m, AllCoresLinear)]
+    assert len(layers) == 4 * tiny_model_config.n_layer  # q/k/v, out, and the MLP's two
+    for layer in layers:
+        layer.parts = 2  # the batched multiply, whatever this machine's threads
+    assert model.state_dict().keys() == plain.state_dict().keys()  # checkpoints unchanged
+    generator = torch.Generator().manual_seed(0)
+    tokens = list(generate(model, [1, 2, 3], 40, generator=generator))  # the window moves
+    generator = torch.Generator().manual_seed(0)
+    assert tokens == list(generate(plain, [1, 2, 3], 40, generator=generator))
