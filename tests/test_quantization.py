@@ -75,12 +75,17 @@ def test_an_int8_model_keeps_its_embedding_and_norms_in_float32(tiny_model_confi
     assert model.num_parameters() == GPT(tiny_model_config).num_parameters()  # still counted
 
 
+def prepared_copy(model: GPT, precision: str) -> GPT:
+    """A copy of the model, with the same weights, prepared for generation in `precision`."""
+    twin = GPT(model.config)
+    twin.load_state_dict(model.state_dict())
+    return to_precision(twin, precision).eval()
+
+
 def test_an_int8_model_gives_close_logits_and_generates(tiny_model_config):
     torch.manual_seed(0)
     model = GPT(tiny_model_config).eval()
-    int8 = GPT(tiny_model_config)
-    int8.load_state_dict(model.state_dict())
-    int8 = to_precision(int8, "int8").eval()
+    int8 = prepared_copy(model, "int8")
     idx = torch.randint(0, 40, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(int8(idx)[0], model(idx)[0], atol=0.02, rtol=0)
@@ -140,9 +145,7 @@ def test_an_all_cores_layer_takes_one_slab_per_thread_that_divides_its_rows():
 def test_a_float32_model_generates_as_before_with_all_cores_layers(tiny_model_config):
     torch.manual_seed(0)
     plain = GPT(tiny_model_config).eval()
-    model = GPT(tiny_model_config)
-    model.load_state_dict(plain.state_dict())
-    model = to_precision(model, "float32").eval()
+    model = prepared_copy(plain, "float32")
     layers = [m for m in model.modules() if isinstance(m, AllCoresLinear)]
     assert len(layers) == 4 * tiny_model_config.n_layer  # q/k/v, out, and the MLP's two
     for layer in layers:
