@@ -92,7 +92,7 @@ class AllCoresLinear(nn.Module):
 
         x W^T = [x W_1^T, ..., x W_P^T],   W_p = rows (p - 1) out / P .. p out / P - 1 of W
 
-    More rows (a prompt, a moved window, training) go through F.linear, as nn.Linear does.
+    More rows (a prompt, a moved window) go through F.linear, as nn.Linear does.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -142,7 +142,10 @@ def to_int8(model: GPT) -> GPT:
 
 
 def to_precision(model: GPT, precision: str) -> GPT:
-    """The model with its weights in `precision`: "float32", "bfloat16" or "int8"."""
+    """The model ready to generate in `precision`: "float32", "bfloat16" or "int8".
+
+    The weights take that number type; in float32 the blocks' layers become AllCoresLinear.
+    """
     assert precision in PRECISIONS, f"unknown precision {precision!r}"
     if precision == "int8":
         return to_int8(model.float())
