@@ -85,10 +85,11 @@ class Int8Linear(nn.Module):
 class AllCoresLinear(nn.Module):
     """A float32 linear layer whose one-row products, a generated token's, use every CPU core.
 
-    A one-token step multiplies a single row by each weight matrix. On a CPU, PyTorch runs such a
-    matrix-vector product on one core: on two cores, the 24 products of a 6 x 384 model took as
-    long with one thread as with two. Cut into one slab of output rows per thread, the same
-    product becomes a batched multiply, and PyTorch runs the slabs on separate cores:
+    A one-token step multiplies a single row by each weight matrix. PyTorch ran such a
+    matrix-vector product on one core of the 2-core CPU measured (README, "Speed on a laptop
+    CPU"): the 24 products of a 6 x 384 model took as long with one thread as with two. Cut into
+    one slab of output rows per thread, the same product becomes a batched multiply, and
+    PyTorch runs the slabs on separate cores:
 
         x W^T = [x W_1^T, ..., x W_P^T],   W_p = rows (p - 1) out / P .. p out / P - 1 of W
 
@@ -99,6 +100,9 @@ class AllCoresLinear(nn.Module):
         super().__init__()
         self.weight = linear.weight  # (out, in), shared with the layer it replaces
         self.bias = linear.bias
+        # baddbmm always adds a bias: a layer without one adds zeros, made here once (not saved).
+        zeros = torch.zeros_like(linear.weight[:, 0]) if linear.bias is None else None
+        self.register_buffer("zero_bias", zeros, persistent=False)
         # One slab per thread PyTorch has now (fewer if the rows do not divide evenly). Fixed
         # here rather than asked at each call, which torch.compile could not trace.
         self.parts = torch.get_num_threads()
@@ -113,7 +117,7 @@ class AllCoresLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)  # not one row on a CPU, or one core
         slabs = self.weight.view(P, out_features // P, in_features)  # (P, out/P, in)
         row = x.reshape(1, 1, in_features).expand(P, 1, in_features)  # (P, 1, in)
-        bias = self.weight.new_zeros(out_features) if self.bias is None else self.bias
+        bias = self.zero_bias if self.bias is None else self.bias
         # bias + row @ slab^T for each slab p: (P, 1, out/P), slab p's outputs in order.
         # baddbmm rather than `+` and bmm: torch.compile would turn a one-row bmm into loops of
         # its own, slower here than PyTorch's multiply, which it keeps for baddbmm.
