@@ -25,7 +25,8 @@ import socket
 import sys
 from typing import Any
 
-from app_backend import (
+from hyperparameters import SampleConfig, TrainConfig
+from support.app_backend import (
     MAX_NEW_TOKENS,
     LoadedModel,
     attention_image,
@@ -36,10 +37,10 @@ from app_backend import (
     runs_comparison,
     training_plot,
 )
-from common import UserFacingError, first_line, print_error
-from devices import resolve_device
-from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
-from run_folder import checkpoint_to_sample
+from support.command_line import build_parser, parse_configs
+from support.common import UserFacingError, first_line, print_error
+from support.devices import resolve_device
+from support.run_folder import checkpoint_to_sample
 
 PROG = "app.py"
 CONCURRENCY_LIMIT = 4  # generations running at once; more wait in the queue
@@ -176,8 +177,8 @@ def check_address(host: str, port: int) -> None:
         raise UserFacingError(f"cannot serve on {host}:{port} ({err.strerror or err})") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start the web demo; returns the exit status when the server stops."""
+def command_line() -> argparse.ArgumentParser:
+    """The demo's options: sampling defaults, where the model is, and where to serve."""
     parser = build_parser(
         __doc__,
         [
@@ -196,10 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         "(default: 127.0.0.1, this computer only; 0.0.0.0 = every network)",
     )
     server.add_argument("--port", type=port_number, default=7860, help="port (default: 7860)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the web demo; returns the exit status when the server stops."""
     (sample_config, train_config), options = parse_configs(
-        parser, [SampleConfig, TrainConfig], argv
+        command_line(), [SampleConfig, TrainConfig], argv
     )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    address = f"{options['host']}:{options['port']}"
     try:
         check_address(options["host"], options["port"])
     except UserFacingError as err:
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(PROG, UserFacingError(problem))
     demo = build_demo(loaded, problem, sample_config)
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
-    print(f"{PROG}: serving on http://{options['host']}:{options['port']}")
+    print(f"{PROG}: serving on http://{address}")
     sys.stdout.flush()
     try:
         demo.launch(
@@ -225,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             footer_links=["api"],
         )
     except (OSError, ValueError) as err:  # the port is taken, the address is not this host's
-        reason = first_line(err)
-        address = f"{options['host']}:{options['port']}"
-        print_error(PROG, UserFacingError(f"cannot serve on {address} ({reason})"))
+        print_error(PROG, UserFacingError(f"cannot serve on {address} ({first_line(err)})"))
         return 2
     return 0
 

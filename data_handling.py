@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserFacingError, sha256_hex, write_atomically
 from hyperparameters import DataConfig
+from support.common import UserFacingError, sha256_hex, write_atomically
 from tokenization import (
     ENCODE_CHUNK_CHARS,
     BPETokenizer,

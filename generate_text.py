@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserFacingError, print_error
-from devices import compile_token_step, resolve_device
-from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
+from hyperparameters import SampleConfig, TrainConfig
 from model_architecture import GPT, generate
-from run_folder import checkpoint_to_sample
+from support.checkpoint import load_checkpoint, model_from_checkpoint
+from support.command_line import build_parser, parse_configs
+from support.common import UserFacingError, print_error
+from support.devices import compile_token_step, resolve_device
+from support.fast_paths import for_inference
+from support.run_folder import checkpoint_to_sample
 from tokenization import Tokenizer, check_unicode, stream_decode
 
 PROG = "generate_text.py"
@@ -111,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserFacingError("--compile needs --use_cache: it compiles the one-token step")
         device = resolve_device(train_config.device)
         checkpoint = load_checkpoint(checkpoint_to_sample(sample_config.ckpt, train_config.out_dir))
-        model, tokenizer = model_from_checkpoint(checkpoint, device, sample_config.precision)
+        model, tokenizer = model_from_checkpoint(checkpoint, device)
+        # The same math, computed faster in the chosen number type (support/fast_paths.py).
+        model = for_inference(model, sample_config.precision)
         prompt_ids = tokenizer.encode(read_prompt(sample_config, given))
     except UserFacingError as err:
         print_error(PROG, err)

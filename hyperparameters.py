@@ -13,14 +13,11 @@ carries its settings inside its checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
-from common import UserFacingError
+from support.validation import field_problems, raise_if_any
 
 MAX_SEED = 2**62  # torch seeds are 64-bit; headroom for the seed + rank + step sums
 MIN_TEMPERATURE = 1e-4  # below this, logits / temperature overflows float32
@@ -225,8 +222,8 @@ class SampleConfig:
     precision: Literal["float32", "bfloat16", "int8"] = setting(
         "float32",
         "number type of the weights; bfloat16 halves their memory (and the cache's) but "
-        "generated more slowly on the CPUs measured; int8 stores the blocks' "
-        "linear layers in a quarter of the bytes: faster on a CPU (with --compile)",
+        "is often slower on CPUs without bfloat16 instructions; int8 stores the blocks' "
+        "linear layers in a quarter of the bytes, for long texts on a CPU (with --compile)",
     )
 
     def __post_init__(self) -> None:
@@ -267,52 +264,18 @@ class RunSettings:
         }
 
 
-def settings_for_resume(saved: RunSettings, given: dict[str, Any], out_dir: str) -> RunSettings:
-    """A resumed run's settings: the saved ones, changed by the options given now where allowed.
-
-    The model, the data and the optimizer cannot change (a contradicting option is a user
-    error); other training settings (max_iters, learning_rate, ...) may; out_dir is where the
-    checkpoint was found, and --data may point at a corpus that moved.
-    """
-    fixed = {
-        **dataclasses.asdict(saved.model),
-        **dataclasses.asdict(saved.data),
-        "optimizer": saved.train.optimizer,
-        "init_from": saved.train.init_from,
-    }
-    conflicts = [
-        name
-        for name, value in fixed.items()
-        if name in given and name != "data" and given[name] != value
-    ]
-    if conflicts:
-        raise UserFacingError(
-            f"--resume keeps the saved run's {', '.join(conflicts)}; drop those options or "
-            "start a new run in another --out_dir"
-        )
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    changes = {name: value for name, value in given.items() if name in train_fields}
-    try:
-        train = dataclasses.replace(saved.train, **{**changes, "out_dir": out_dir, "resume": True})
-    except ValueError as err:
-        raise UserFacingError(f"the saved run's settings are not valid ({err})") from None
-    data = dataclasses.replace(saved.data, data=given.get("data", saved.data.data))
-    return RunSettings(model=saved.model, data=data, train=train)
-
-
 # ----------------------------------------------------------------------------------------------
-# Defaults that depend on the kind of run. Each table below replaces some of the defaults above
-# for one kind of run; an option typed on the command line always wins, and --help shows both.
+# Presets: the defaults above, changed for one kind of run. An option typed on the command line
+# always wins; a run that uses a preset prints, at start, each value it takes from it that
+# differs from the defaults above, so an edit up there is never silently overruled.
 
 # --tokenizer=bpe. A GPT-2 token carries about three characters, so Tiny Shakespeare is only
-# about 300,000 training tokens: a model sees all of them in a minute or two and then starts to
-# learn the text by heart. Small AdamW steps on short contexts, with dropout, overfit least;
-# Muon's fast steps, which win with characters, overfit sooner. A token the training text uses
-# only once is spelled in byte tokens (bpe_min_count 2), so the model learns how the words it
-# has never seen are spelled: worth 0.14 nats per character; spelling 2% of the other tokens
-# as well gives it more practice: another 0.02. Chosen by comparing runs (README, "Why the BPE
-# defaults"): about seven minutes on a 2-core CPU.
-BPE_DEFAULTS: dict[str, Any] = {
+# about 300,000 training tokens: a model soon sees all of them and starts to learn the text by
+# heart. Small AdamW steps on short contexts, with dropout, overfit least; Muon's fast steps,
+# which win with characters, overfit sooner. A token the training text uses only once is
+# spelled in byte tokens (bpe_min_count 2), and a few other tokens at random (bpe_spell_fraction)
+# too, so that the model learns how words it has never seen are spelled (docs/tokenizers.md).
+BPE_PRESET: dict[str, Any] = {
     "bpe_min_count": 2,
     "bpe_spell_fraction": 0.02,
     "block_size": 64,
@@ -328,7 +291,7 @@ BPE_DEFAULTS: dict[str, Any] = {
 # --init_from=gpt2 (or another GPT-2). The weights already know English: small, careful AdamW
 # steps adapt them without wiping that out. The context stays block_size (256 of GPT-2's 1,024
 # positions), which keeps a 124M-parameter model's steps affordable on a CPU.
-FINE_TUNING_DEFAULTS: dict[str, Any] = {
+FINE_TUNING_PRESET: dict[str, Any] = {
     "tokenizer": "bpe",
     "bpe_min_count": 1,  # GPT-2 knows every token: keep all that the training text uses
     "bpe_spell_fraction": 0.0,  # and read the text as GPT-2 does
@@ -343,151 +306,20 @@ FINE_TUNING_DEFAULTS: dict[str, Any] = {
     "eval_iters": 10,
 }
 
+# Each preset and the option that selects it, as --help and the start-up line name them.
+PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--tokenizer=bpe", BPE_PRESET),
+    ("--init_from", FINE_TUNING_PRESET),
+)
+
 # What --init_from takes from the pretrained model, so these options cannot be given with it.
 PRETRAINED_SHAPE = ("n_layer", "n_head", "n_embd", "position", "bias", "activation")
 
-# How --help names each table.
-KIND_DEFAULTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("--tokenizer=bpe", BPE_DEFAULTS),
-    ("--init_from", FINE_TUNING_DEFAULTS),
-)
 
-
-def defaults_for(given: dict[str, Any]) -> dict[str, Any]:
-    """The table of defaults for the kind of run the given options describe (maybe empty)."""
+def preset_for(given: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The preset for the kind of run the given options describe, with its option, or None."""
     if given.get("init_from"):
-        return FINE_TUNING_DEFAULTS
+        return PRESETS[1]
     if given.get("tokenizer", DataConfig.tokenizer) == "bpe":  # also when edited to be the default
-        return BPE_DEFAULTS
-    return {}
-
-
-# Filled in from the tokenizer or chosen by the program, never typed by a user.
-NOT_OPTIONS = frozenset({"vocab_size"})
-
-
-def field_problems(config: Any) -> list[str]:
-    """Problems any setting can have, whatever its range.
-
-    A value of the wrong type (a checkpoint can hold anything), a choice not on offer, a float
-    that is nan or infinite (it would pass every range check).
-    """
-    problems: list[str] = []
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value, hint = getattr(config, f.name), hints[f.name]
-        if typing.get_origin(hint) is Literal:
-            if value not in typing.get_args(hint):
-                choices = ", ".join(typing.get_args(hint))
-                problems.append(f"{f.name} must be one of {choices}, got {value!r:.40}")
-        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
-            continue  # 3 serves as 3.0
-        elif not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            problems.append(f"{f.name} must be {hint.__name__}, got {value!r:.40}")
-        elif hint is float and not math.isfinite(value):
-            problems.append(f"{f.name} must be a finite number, got {value}")
-    return problems
-
-
-def raise_if_any(problems: list[str]) -> None:
-    """Report every validation problem at once, as one line."""
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line, derived from the dataclass fields
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block) and exit with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print `prog: error: message` and exit 2."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parse_bool(text: str) -> bool:
-    """Read true/false, yes/no, 1/0 (any case) as a bool."""
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def text_arg(text: str) -> str:
-    r"""Text whose "\n" and "\t", typed on a shell, become real newlines and tabs."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def _shown(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any) -> None:
-    name, default, help = f.name, f.default, f.metadata["help"]
-    # default=SUPPRESS keeps untyped options out of the namespace, so we know what was given.
-    shown = [_shown(default)]
-    shown += [f"{kind}: {_shown(table[name])}" for kind, table in KIND_DEFAULTS if name in table]
-    kwargs: dict[str, Any] = {
-        "default": argparse.SUPPRESS,
-        "help": f"{help} (default: {'; '.join(shown)})",
-    }
-    if typing.get_origin(hint) is Literal:
-        kwargs["choices"] = typing.get_args(hint)
-    elif hint is bool:
-        kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
-    elif hint is str:
-        kwargs["type"] = text_arg if f.metadata["escapes"] else str
-    else:
-        kwargs["type"] = hint
-    group.add_argument(f"--{name}", **kwargs)
-
-
-def build_parser(description: str, groups: list[tuple[type, list[str] | None]]) -> OneLineParser:
-    """An argument parser with one `--field` option per dataclass field.
-
-    Args:
-        description: shown at the top of `--help`.
-        groups: (config class, field names to expose or None for all) pairs; each becomes an
-            argument group of `--help`.
-    """
-    parser = OneLineParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for config_class, only in groups:
-        group = parser.add_argument_group(config_class.__name__, config_class.__doc__)
-        hints = typing.get_type_hints(config_class)
-        for f in dataclasses.fields(config_class):
-            if f.name in NOT_OPTIONS or (only is not None and f.name not in only):
-                continue
-            _add_field(group, f, hints[f.name])
-    return parser
-
-
-def parse_configs(
-    parser: OneLineParser, config_classes: list[type], argv: list[str] | None = None
-) -> tuple[list[Any], dict[str, Any]]:
-    """Parse the command line into one validated instance per config class.
-
-    Returns:
-        The configs, in the order of `config_classes`, and the options the user gave
-        explicitly (so a resumed run can tell a deliberate override from a default), plus any
-        options the parser has beyond the dataclass fields.
-    """
-    given = vars(parser.parse_args(argv))
-    if given.get("init_from") and not given.get("resume"):
-        contradicting = [f"--{name}" for name in PRETRAINED_SHAPE if name in given]
-        if contradicting:
-            parser.error(f"--init_from takes {', '.join(contradicting)} from the pretrained model")
-    values = {**defaults_for(given), **given}  # what the user typed wins over either default
-    configs = []
-    for config_class in config_classes:
-        names = {f.name for f in dataclasses.fields(config_class)}
-        try:
-            configs.append(config_class(**{k: v for k, v in values.items() if k in names}))
-        except ValueError as err:
-            parser.error(str(err))
-    return configs, given
+        return PRESETS[0]
+    return None

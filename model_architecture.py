@@ -28,78 +28,6 @@ from torch import nn
 from hyperparameters import ModelConfig
 
 # ----------------------------------------------------------------------------------------------
-# Dropout: while training, zero each element with probability p and scale the survivors by
-# 1 / (1 - p), so that every element keeps its expected value. On a CPU, F.dropout draws a
-# 32-bit float for every element and keeps a float mask for the backward pass; drawing
-# 16-bit integers, four from each 64-bit random number, and keeping a one-byte mask does the
-# same several times faster, in a quarter of the memory. (GPUs have a fused F.dropout.)
-
-RANDOM_LEVELS = 2**16  # the values a 16-bit random integer takes
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A random boolean mask, True with probability 1 - p, and that probability exactly.
-
-    p is rounded to a multiple of 1 / 2**16 (0.2 becomes 0.199997).
-    """
-    count = math.prod(shape)
-    draws = torch.randint(
-        -(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device
-    )
-    uniform = draws.view(torch.int16)[:count].view(shape)  # each in -2**15 .. 2**15 - 1
-    dropped_levels = min(round(p * RANDOM_LEVELS), RANDOM_LEVELS - 1)  # keep some, always
-    keep = uniform >= dropped_levels - RANDOM_LEVELS // 2  # the lowest dropped_levels values drop
-    return keep, 1 - dropped_levels / RANDOM_LEVELS
-
-
-class MaskedScale(torch.autograd.Function):
-    """y = x * keep * scale, remembering only the one-byte mask for the backward pass."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, keep: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """Keep the mask; zero the dropped elements and scale the kept ones."""
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-        """The gradient flows through the kept elements only, scaled alike."""
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout(x, p, training), with a faster mask on a CPU."""
-    if not training or p == 0:
-        return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p=p, training=True)  # fused on GPUs; torch.compile fuses its own
-    keep, keep_probability = keep_mask(x.shape, p, x.device)
-    if keep_probability == 1:
-        return x  # p below 1 / 2**17 rounds to keeping everything
-    return MaskedScale.apply(x, keep, 1 / keep_probability)
-
-
-class Dropout(nn.Module):
-    """nn.Dropout through `dropout`."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dropout while training; the input unchanged in evaluation."""
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        """What print(model) shows."""
-        return f"p={self.p}"
-
-
-# ----------------------------------------------------------------------------------------------
 # Attention: the reference written out step by step, and the fused fast path.
 # Both take q of shape (B, nh, Tq, hs), k and v of shape (B, nh, Tk, hs) with Tk >= Tq, and a
 # boolean mask (Tq, Tk) that is True where a query may look at a key. Both return
@@ -120,7 +48,7 @@ def causal_attention_manual(
 ) -> torch.Tensor:
     """The reference: attention weights, dropout, then the weighted sum of the values."""
     weights = attention_weights(q, k, mask)  # (B, nh, Tq, Tk)
-    # PyTorch's own dropout, as the reference (on a CPU, slower than `dropout` above).
+    # Dropout on the weights: a position randomly ignores some of the keys it would look at.
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
 
@@ -129,13 +57,6 @@ def causal_attention_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
 ) -> torch.Tensor:
     """The same computation through PyTorch's fused kernel (faster, less memory)."""
-    if dropout_p > 0 and q.device.type == "cpu":
-        # The fused CPU kernel has no dropout: PyTorch would fall back to unfused steps and its
-        # slower dropout. These are the reference's steps, with fewer (T x T)-sized temporaries
-        # (the scaling applied to q, the mask in place) and the faster dropout.
-        scores = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)  # (B, nh, Tq, Tk)
-        weights = F.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
-        return dropout(weights, dropout_p, training=True) @ v  # (B, nh, Tq, hs)
     if q.size(-2) == k.size(-2):
         # is_causal aligns its triangle to the top-left, which is only right when Tq == Tk
         # (queries and keys at the same positions, as in training).
@@ -230,7 +151,7 @@ class CausalSelfAttention(nn.Module):
         # Queries, keys and values for all heads come from one matrix multiply.
         self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.residual_dropout = Dropout(config.dropout)
+        self.residual_dropout = nn.Dropout(config.dropout)
         # Rotary angles (None with learned positions): derived from the config, so not saved.
         tables = None
         if config.position == "rope":
@@ -289,7 +210,7 @@ class FeedForward(nn.Module):
         # approximates it; loading its weights needs that formula to reproduce its outputs.
         self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
@@ -334,7 +255,7 @@ class GPT(nn.Module):
         self.position_embedding = (
             nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         )
-        self.embedding_dropout = Dropout(config.dropout)
+        self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.final_norm = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

@@ -102,11 +102,10 @@ def muon_learning_rate(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -
 class Muon(torch.optim.Muon):
     """torch.optim.Muon, with the number type of its orthogonalisation chosen by the caller.
 
-    PyTorch's Muon orthogonalises in bfloat16, which a GPU's tensor cores run fast, but a CPU
-    without bfloat16 instructions emulates: on a 2-core AVX2 machine that made a step of the
-    default model take 0.8 s more than in float32. Settings, checks and the saved state
-    (one "momentum_buffer" per matrix) are torch's own, so either class resumes the other's
-    checkpoint.
+    PyTorch's Muon orthogonalises in bfloat16, which a GPU's tensor cores run fast but a CPU
+    without bfloat16 instructions emulates, slowly (docs/performance.md). Settings, checks and
+    the saved state (one "momentum_buffer" per matrix) are torch's own, so either class resumes
+    the other's checkpoint.
     """
 
     def __init__(self, params: Any, orthogonalize_dtype: torch.dtype, **settings: Any) -> None:

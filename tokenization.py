@@ -18,7 +18,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from common import UserFacingError, sha256_hex
+from support.common import UserFacingError, sha256_hex
 
 GPT2_RANKS_PATH = Path(__file__).resolve().parent / "assets" / "r50k_base.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"

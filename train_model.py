@@ -23,95 +23,25 @@ if __name__ == "__main__":
 
 import contextlib
 import dataclasses
-import math
-import os
-import sys
-import time
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
 
-from checkpoint import (
-    RunDescription,
-    TrainingState,
-    check_resumable,
-    load_checkpoint,
-    make_checkpoint,
-    model_from_checkpoint,
-    restore_training_state,
-    restore_weights,
-    save_checkpoint,
-    saved_corpus_sha256,
-    saved_settings,
-    saved_tokenizer,
-)
-from common import ForgivingStream, UserFacingError, print_error
-from data_handling import CorpusSplits, get_batch, load_splits
-from devices import (
-    Distributed,
-    StopRequest,
-    any_process,
-    autocast_context,
-    model_memory,
-    process_rank,
-    require_memory,
-    sequences_per_pass,
-    setup_compute,
-    shutdown_distributed,
-    start_random_streams,
-    training_memory,
-    wait_for_all,
-    wrap_model,
-)
-from hugging_face import load_gpt2_weights, pretrained_gpt2, read_weights
-from hyperparameters import (
-    DataConfig,
-    ModelConfig,
-    RunSettings,
-    TrainConfig,
-    build_parser,
-    parse_configs,
-    settings_for_resume,
-)
+from data_handling import get_batch
+from hyperparameters import TrainConfig
 from model_architecture import GPT
-from optimization import (
-    Optimizer,
-    learning_rate_at,
-    make_optimizer,
-    model_to_keep,
-    weight_average,
-)
-from run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
-from training_log import (
-    Progress,
-    TensorBoardLog,
-    best_evaluation,
-    evaluation_row,
-    model_sample,
-    nats_per_char,
-    plot_losses,
-    read_history,
-    write_history,
-)
+from optimization import Optimizer, learning_rate_at, make_optimizer, model_to_keep, weight_average
+from support.checkpoint import TrainingState
+from support.common import UserFacingError, print_error
+from support.devices import Distributed, autocast_context, wrap_model
+from support.fast_paths import for_training
+from support.training_session import TrainingDiverged, TrainingSession
 
 PROG = "train_model.py"
 
 
-class TrainingDiverged(Exception):
-    """The loss stopped being a finite number."""
-
-    def __init__(self, loss: float, step: int, out_dir: Path) -> None:
-        super().__init__(
-            f"loss became {loss} by step {step}; the checkpoints in {out_dir} are from the "
-            "last good evaluation. Try a lower --learning_rate"
-        )
-
-
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation steps
+# One training step, and the evaluation
 
 
 @dataclasses.dataclass
@@ -231,296 +161,68 @@ def estimate_loss(run: Run) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Setting up a run
+# The recipe: settings -> data -> model and optimizer -> the loop
 
 
-def read_settings(argv: list[str] | None) -> tuple[RunSettings, dict[str, Any] | None]:
-    """The run's settings from the command line, or from the checkpoint when resuming."""
-    parser = build_parser(__doc__, [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
-    (model_config, data_config, train_config), given = parse_configs(
-        parser, [ModelConfig, DataConfig, TrainConfig], argv
-    )
-    if not train_config.resume:
-        # Under torchrun, process 0 creates the folder; the others write nothing there.
-        claim = process_rank() == 0
-        folder = folder_for_new_run(train_config.out_dir, train_config.overwrite, claim)
-        train_config = dataclasses.replace(train_config, out_dir=str(folder.path))
-        return RunSettings(model=model_config, data=data_config, train=train_config), None
-    folder = chosen_run(train_config.out_dir)
-    checkpoint = load_checkpoint(folder.last_checkpoint)
-    check_resumable(checkpoint)
-    settings = settings_for_resume(saved_settings(checkpoint), given, str(folder.path))
-    if checkpoint["step"] >= settings.train.max_iters:
-        raise UserFacingError(
-            f"the saved run already did {checkpoint['step']} steps; raise --max_iters to "
-            "train further"
-        )
-    return settings, checkpoint
-
-
-def load_data(data_config: DataConfig, block_size: int, checkpoint: dict | None) -> CorpusSplits:
-    """The corpus, tokenized (with a resumed run's own tokenizer) and split; print its facts."""
-    if checkpoint is None:
-        corpus = load_splits(data_config, block_size)
-    else:
-        tokenizer, trained_on = saved_tokenizer(checkpoint), saved_corpus_sha256(checkpoint)
-        corpus = load_splits(data_config, block_size, tokenizer, trained_on)
-    print(corpus.summary())
-    return corpus
-
-
-def starting_state(run: Run, checkpoint: dict[str, Any] | None, folder: RunFolder) -> TrainingState:
-    """A new run's state, or the saved run's, with its optimizer and random streams restored."""
-    resumed_step = checkpoint["step"] if checkpoint is not None else 0
-    batch_generator = start_random_streams(run.config, run.distributed, resumed_step)
-    if checkpoint is None:
-        if folder.holds_a_run():  # only with --overwrite: read_settings refuses otherwise
-            print(f"starting a new run: the run in {folder.path} will be replaced (--overwrite)")
-        return TrainingState(batch_generator)
-    state = restore_training_state(
-        checkpoint,
-        run.optimizer,
-        run.scaler,
-        batch_generator,
-        history=read_history(folder.metrics, resumed_step),
-        restore_random_streams=run.distributed.is_main,
-    )
-    best = best_evaluation(state.history)
-    best_loss = (  # per character, as the log says it; the history can be missing
-        f"{nats_per_char(best['val_bpc']):.4f} nats/char"
-        if best is not None and math.isclose(best["val_loss"], state.best_val_loss)
-        else f"{state.best_val_loss:.4f} nats/token"
-    )
-    print(f"resuming from step {state.step} (best validation loss {best_loss})")
-    return state
-
-
-def build_run(
-    settings: RunSettings, checkpoint: dict[str, Any] | None, folder: RunFolder
-) -> tuple[Run, TrainingState, RunDescription]:
-    """Load or create the data, model, optimizer and progress of a run."""
-    distributed, device, dtype = setup_compute(settings.train)
+def build_run(session: TrainingSession) -> Run:
+    """The data, the model and its optimizer: everything a training step works with."""
+    settings, device = session.settings, session.device
     torch.manual_seed(settings.train.seed)  # the same initial weights in every process
-    corpus = load_data(settings.data, settings.model.block_size, checkpoint)
-    pretrained = None
-    if checkpoint is None and settings.train.init_from:
-        pretrained = pretrained_gpt2(settings.train.init_from, settings.model, corpus.tokenizer)
-    model_config = pretrained.config if pretrained is not None else settings.model
-    settings = dataclasses.replace(
-        settings, model=dataclasses.replace(model_config, vocab_size=corpus.tokenizer.vocab_size)
-    )
-    pass_size = sequences_per_pass(
-        settings.train.sequences_per_pass,
-        settings.train.batch_size,
-        settings.model.block_size,
-        device,
-    )
-    averaged_copy = model_memory(settings.model) if settings.train.weight_average else 0
-    require_memory(
-        training_memory(settings.model, settings.train.batch_size, pass_size) + averaged_copy,
-        device,
-        "training this model on this batch",
-        "lower --sequences_per_pass, --batch_size, --block_size, --n_embd or --n_layer",
-    )
-    if checkpoint is not None:
-        model = model_from_checkpoint(checkpoint, device)[0].train()
-    elif pretrained is not None:
-        model = GPT(settings.model)
-        load_gpt2_weights(model, read_weights(pretrained.weights), corpus.tokenizer)
-        model = model.to(device)
-        print(f"model: GPT-2's weights from {pretrained.weights}")
-    else:
-        model = GPT(settings.model).to(device)
-    average = weight_average(model, settings.train.weight_average)
-    if checkpoint is not None:
-        restore_weights(checkpoint, model, average)
-    print(f"model: {model.num_parameters():,} parameters")
-    optimizer = make_optimizer(model, settings.train, device)
+    corpus = session.load_corpus()  # tokenized (a resumed run keeps its tokenizer) and split
+    model = session.initial_model(corpus)  # random weights, GPT-2's, or the resumed run's
+    model = for_training(model)  # the same math, with a cheaper dropout on a CPU (fast_paths.py)
     run = Run(
         model=model,
         compiled=model,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        optimizer=make_optimizer(model, settings.train, device),
+        # Loss scaling keeps float16's small gradients from rounding to zero; off otherwise.
+        scaler=torch.amp.GradScaler(device.type, enabled=session.dtype == torch.float16),
         splits=corpus.tokens,
-        config=settings.train,
+        config=session.settings.train,
         device=device,
-        autocast=autocast_context(device, dtype),
-        sequences_per_pass=pass_size,
-        distributed=distributed,
-        average=average,
+        autocast=autocast_context(device, session.dtype),
+        sequences_per_pass=session.sequences_per_pass,
+        distributed=session.distributed,
+        average=weight_average(model, settings.train.weight_average),
     )
-    state = starting_state(run, checkpoint, folder)
-    if checkpoint is not None:
-        checkpoint.clear()  # its tensors now live in the model and optimizer: no second copy
+    session.start(run)  # a resumed run's weights, optimizer and random streams come back here
     example = corpus.tokens["train"][: model.config.block_size].long().unsqueeze(0).to(device)
-    run.compiled = wrap_model(model, settings.train.compile, distributed, example)
-    print(
-        f"global batch: {settings.train.batch_size} x {settings.train.gradient_accumulation_steps}"
-        f" accumulation x {distributed.world_size} processes = "
-        f"{run.tokens_per_step() // model.config.block_size} sequences of "
-        f"{model.config.block_size} tokens, {pass_size} sequences per forward and backward pass"
-    )
-    description = RunDescription(
-        settings, corpus.tokenizer, corpus.tokens_per_char(), corpus.sha256
-    )
-    return run, state, description
+    run.compiled = wrap_model(model, settings.train.compile, session.distributed, example)
+    return run
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-
-
-def save(run: Run, state: TrainingState, description: RunDescription, path: Path) -> None:
-    """Save a checkpoint of the run as it stands."""
-    checkpoint = make_checkpoint(
-        run.model, run.optimizer, run.scaler, description, state, run.average
-    )
-    save_checkpoint(path, checkpoint)
-
-
-def evaluate_and_save(
-    run: Run,
-    state: TrainingState,
-    description: RunDescription,
-    folder: RunFolder,
-    progress: Progress,
-) -> None:
-    """Evaluate, log a metrics line, refresh the plot and the log, save the checkpoints."""
-    losses = estimate_loss(run)
-    if not all(math.isfinite(loss) for loss in losses.values()):
-        raise TrainingDiverged(losses["train"], state.step, folder.path)
-    lr = learning_rate_at(state.step, run.config)
-    row = evaluation_row(state.step, losses, description.tokens_per_char, lr, state.elapsed_s)
-    state.history.append(row)
-    tqdm.write(
-        f"step {state.step}: validation {nats_per_char(row['val_bpc']):.4f} nats/char "
-        f"({row['val_bpc']:.3f} bits/char); per token: train {row['train_loss']:.4f}, "
-        f"val {row['val_loss']:.4f}"
-    )
-    write_history(state.history, folder.metrics)
-    plot_losses(state.history, folder.loss_plot)
-    if losses["val"] < state.best_val_loss:
-        state.best_val_loss = losses["val"]
-        save(run, state, description, folder.best_checkpoint)
-    save(run, state, description, folder.last_checkpoint)
-    if progress.board is not None:
-        best_bpc = min(r["val_bpc"] for r in state.history)
-        prompt = run.splits["val"][:1].tolist()  # the validation text's first token
-        sample = model_sample(run.final_model(), description.tokenizer, prompt, run.config.seed)
-        progress.board.log_evaluation(row, best_bpc, sample)
-
-
-def save_and_stop(
-    run: Run, state: TrainingState, description: RunDescription, folder: RunFolder
-) -> int:
-    """Save the latest checkpoint after a Ctrl-C, say how to continue; returns the status."""
-    if run.distributed.is_main:
-        save(run, state, description, folder.last_checkpoint)
-    wait_for_all(run.distributed)  # nobody shuts down while process 0 still saves
-    if run.distributed.is_main:
-        print(
-            f"stopped at step {state.step}; saved {folder.last_checkpoint}. Continue with: "
-            f"python {PROG} --resume --out_dir={folder.path}",
-            file=sys.stderr,
-        )
-    return 130
-
-
-def train(run: Run, state: TrainingState, description: RunDescription, folder: RunFolder) -> int:
-    """The training loop: evaluate when due, step, report; returns the exit status."""
-    config = run.config
-    board = None
-    if run.distributed.is_main:
-        resumed = state.step if config.resume else None
-        board = TensorBoardLog(folder.path, description.settings.to_dict(), resumed)
-    progress = Progress(config.max_iters, state.step, run.tokens_per_step(), board)
-    session_start, elapsed_before = time.perf_counter(), state.elapsed_s
-    with StopRequest() as stop, contextlib.closing(progress):
+def train(run: Run, session: TrainingSession) -> int:
+    """The loop: evaluate and save when due, stop when asked, take a step; returns the status."""
+    state = session.state
+    with session.running(run):  # a progress bar, the logs, and a Ctrl-C that saves first
         while True:
-            state.elapsed_s = elapsed_before + time.perf_counter() - session_start
-            due = state.step % config.eval_interval == 0 or state.step == config.max_iters
-            logged = state.history and state.history[-1]["step"] == state.step
-            if due and not logged and run.distributed.is_main:
-                evaluate_and_save(run, state, description, folder, progress)
-            if state.step == config.max_iters:
-                break
-            # All processes must stop at the same step, or the others would wait forever.
-            if any_process(stop.requested, run.distributed, run.device):
-                progress.close()
-                return save_and_stop(run, state, description, folder)
+            if session.evaluation_due():
+                session.record_evaluation(estimate_loss(run), run)  # logs it, saves checkpoints
+            if state.step == run.config.max_iters:
+                return session.finish()
+            if session.stop_requested():  # Ctrl-C or SIGTERM, in any process
+                return session.save_and_stop(run)
             loss, grad_norm = train_step(run, state)
             if run.average is not None:
                 run.average.update_parameters(run.model)
             state.step += 1
-            state.tokens_seen += run.tokens_per_step()
-            progress.bar.update(1)
-            if state.step % config.log_interval == 0:
-                # The loop's only host sync, every log_interval (with --weight_average on a
-                # GPU, AveragedModel also copies its step count to the GPU every step).
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(loss_value, state.step, folder.path)
-                lr = learning_rate_at(state.step, config)
-                progress.log_step(state.step, loss_value, lr, grad_norm.item())
-    wait_for_all(run.distributed)  # nobody shuts down while process 0 still saves
-    if run.distributed.is_main:
-        best = best_evaluation(state.history)
-        assert best is not None, "a finished run has evaluated at least once"
-        print(
-            f"done in {state.history[-1]['elapsed_s']:.0f} s: best validation loss "
-            f"{nats_per_char(best['val_bpc']):.4f} nats/char ({best['val_bpc']:.3f} bits/char, "
-            f"{best['val_loss']:.4f} nats/token) at step {best['step']}; "
-            f"checkpoints in {folder.path}/. Sample with: python generate_text.py "
-            f"--out_dir={folder.path}"
-        )
-    return 0
-
-
-def run_training(
-    settings: RunSettings, checkpoint: dict[str, Any] | None, folder: RunFolder
-) -> int:
-    """Set the run up in its folder and train; returns the exit status."""
-    run, state, description = build_run(settings, checkpoint, folder)
-    if run.distributed.is_main:
-        # A new run clears what the folder holds of an earlier one: --overwrite let it replace
-        # a run, and files without a checkpoint (a run killed at once) are worth nothing.
-        folder.start(description.settings.to_dict(), replace=checkpoint is None)
-        mark_latest(folder)
-    return train(run, state, description, folder)
+            session.report_step(run, loss, grad_norm)  # the progress bar; stops if loss is nan
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line; returns the exit status."""
-    streams = sys.stdout, sys.stderr
-    # A closed terminal or pipe must not end the run before it saves: output that cannot be
-    # written is dropped.
-    sys.stdout, sys.stderr = ForgivingStream(sys.stdout), ForgivingStream(sys.stderr)
-    folder = None
+    session = TrainingSession(PROG)
     try:
-        if process_rank() > 0:
-            # Under torchrun only process 0 reports progress; the others stay quiet.
-            sys.stdout = ForgivingStream(open(os.devnull, "w"))  # noqa: SIM115 - for good
-        settings, checkpoint = read_settings(argv)
-        folder = RunFolder(Path(settings.train.out_dir))
-        # One training process per folder: process 0 holds it (the others write nothing).
-        new_run = checkpoint is None
-        lock = folder.lock(discard_if_empty=new_run) if process_rank() == 0 else None
-        with lock or contextlib.nullcontext():
-            return run_training(settings, checkpoint, folder)
+        with session.open(argv, __doc__):  # settings, the run folder's lock, the device
+            return train(build_run(session), session)
     except UserFacingError as err:
         print_error(PROG, err)
         return 2
     except (TrainingDiverged, OSError) as err:  # OSError: e.g. a full disk while saving
         print_error(PROG, err)
         return 1
-    except KeyboardInterrupt:
-        saved = folder is not None and folder.last_checkpoint.exists()
-        kept = "the last checkpoint is intact" if saved else "nothing had been saved yet"
-        print(f"{PROG}: interrupted; {kept}", file=sys.stderr)
-        return 130
-    finally:
-        shutdown_distributed()
-        sys.stdout, sys.stderr = streams
+    except KeyboardInterrupt:  # a second Ctrl-C: quit at once
+        return session.interrupted()
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def tiny_train_argv(out_dir: Path, corpus: Path, **overrides: object) -> list[st
 def build_training(argv: list[str]):
     """What train_model.main sets up before its loop: (run, state, description)."""
     import train_model
-    from run_folder import RunFolder
+    from support.training_session import TrainingSession
 
-    settings, checkpoint = train_model.read_settings(argv)
-    return train_model.build_run(settings, checkpoint, RunFolder(Path(settings.train.out_dir)))
+    session = TrainingSession("train_model.py")
+    with session.open(argv, "tests"):
+        run = train_model.build_run(session)
+    return run, session.state, session.description

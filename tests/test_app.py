@@ -29,9 +29,9 @@ import pytest
 import torch
 
 import app
-import app_backend
 import train_model
 from conftest import PROJECT_ROOT, tiny_train_argv
+from support import app_backend
 from tokenization import CharTokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")

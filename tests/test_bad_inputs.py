@@ -26,9 +26,9 @@ import torch
 import app
 import generate_text
 import train_model
-from checkpoint import load_checkpoint, save_checkpoint
 from conftest import PROJECT_ROOT, SMALL_TEXT, tiny_train_argv
-from devices import StopRequest
+from support.checkpoint import load_checkpoint, save_checkpoint
+from support.devices import StopRequest
 
 TRAIN = str(PROJECT_ROOT / "train_model.py")
 GENERATE = str(PROJECT_ROOT / "generate_text.py")

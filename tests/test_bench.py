@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-import bench
-from hyperparameters import BPE_DEFAULTS, ModelConfig, TrainConfig
+from hyperparameters import BPE_PRESET, ModelConfig, TrainConfig
 from model_architecture import GPT
-from quantization import Int8Linear, to_precision
+from support.fast_paths import Int8Linear, for_inference
+from tools import bench
 
 
 def test_time_to_quality_reads_the_first_time_each_target_was_reached(tmp_path):
@@ -52,7 +52,7 @@ def test_a_generated_token_reads_every_weight_and_the_cache_once():
     weights = 4 * model.num_parameters()  # float32
     keys_and_values = 2 * 2 * 32 * 12 * 4  # two tensors, two layers, 12 positions, float32
     assert bench.bytes_per_generated_token(model, 12) == weights + keys_and_values
-    int8 = to_precision(GPT(config), "int8")
+    int8 = for_inference(GPT(config), "int8")
     layers = [m for m in int8.modules() if isinstance(m, Int8Linear)]
     int8_weights = sum(m.weight.numel() for m in layers)  # 1 byte instead of 4
     scales = 4 * sum(m.scale.numel() for m in layers)
@@ -136,29 +136,29 @@ def test_nanogpt_shapes_train_the_way_nanogpt_does():
 
 
 def test_bench_shapes_follow_the_defaults_tables():
-    from hyperparameters import FINE_TUNING_DEFAULTS
+    from hyperparameters import FINE_TUNING_PRESET
 
     model_config, train_config = bench.TRAIN_SHAPES["BPE defaults, fitted"]
     # bpe_min_count shapes the vocabulary (vocab_size, checked below); the spelled share only
     # lengthens the training text, not a step.
     data_settings = {"bpe_min_count", "bpe_spell_fraction"}
-    assert data_settings <= set(BPE_DEFAULTS)
-    for name, value in BPE_DEFAULTS.items():
+    assert data_settings <= set(BPE_PRESET)
+    for name, value in BPE_PRESET.items():
         if name not in data_settings:
             assert getattr(model_config, name, getattr(train_config, name, None)) == value, name
     assert model_config.vocab_size == bench.FITTED_TWICE_GPT2_TOKENS
     model_config, train_config = bench.TRAIN_SHAPES["GPT-2 124M fine-tuning, full"]
     assert (model_config.n_layer, model_config.n_embd, model_config.vocab_size) == (12, 768, 50257)
     assert model_config.activation == "gelu_tanh"
-    assert train_config.optimizer == FINE_TUNING_DEFAULTS["optimizer"]
-    assert model_config.dropout == FINE_TUNING_DEFAULTS["dropout"]
+    assert train_config.optimizer == FINE_TUNING_PRESET["optimizer"]
+    assert model_config.dropout == FINE_TUNING_PRESET["dropout"]
 
 
 @pytest.mark.parametrize(
     ("min_count", "size"),
     [
         (1, bench.FITTED_GPT2_TOKENS),
-        (BPE_DEFAULTS["bpe_min_count"], bench.FITTED_TWICE_GPT2_TOKENS),
+        (BPE_PRESET["bpe_min_count"], bench.FITTED_TWICE_GPT2_TOKENS),
     ],
 )
 def test_fitted_vocabulary_sizes_are_tiny_shakespeares(min_count, size, shakespeare_path):
@@ -175,10 +175,10 @@ def test_full_validation_scores_every_token_of_the_split(tmp_path, tiny_corpus):
     import torch.nn.functional as F
 
     import train_model
-    from checkpoint import load_checkpoint, model_from_checkpoint
     from conftest import tiny_train_argv
     from data_handling import load_splits
     from hyperparameters import DataConfig
+    from support.checkpoint import load_checkpoint, model_from_checkpoint
 
     out_dir = tmp_path / "out"
     assert train_model.main(tiny_train_argv(out_dir, tiny_corpus, max_iters=5)) == 0

@@ -12,9 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-import common
-from checkpoint import (
-    MODEL_SETTINGS_BEFORE_THEY_EXISTED,
+from conftest import SMALL_TEXT
+from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
+from model_architecture import GPT
+from optimization import make_optimizer
+from support import common
+from support.checkpoint import (
     RunDescription,
     TrainingState,
     load_checkpoint,
@@ -26,12 +29,9 @@ from checkpoint import (
     saved_settings,
     saved_tokenizer,
 )
-from common import UserFacingError
-from conftest import SMALL_TEXT
-from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
-from model_architecture import GPT
-from optimization import make_optimizer
-from quantization import AllCoresLinear, Int8Linear
+from support.common import UserFacingError
+from support.fast_paths import AllCoresLinear, Int8Linear, for_inference
+from support.older_checkpoints import MODEL_SETTINGS_BEFORE_THEY_EXISTED, bring_up_to_date
 from tokenization import BPETokenizer, CharTokenizer
 
 CPU = torch.device("cpu")
@@ -86,15 +86,15 @@ def test_round_trip_gives_bit_identical_logits(parts, saved):
     assert saved_settings(checkpoint) == parts.description.settings
 
 
-def test_a_checkpoint_loads_as_trained_or_prepared_for_generation(saved):
+def test_a_checkpoint_loads_as_trained_and_for_inference_prepares_it(saved):
     def block_layer_types(model) -> set[type]:
         return {type(m) for m in model.blocks.modules() if hasattr(m, "weight")} - {nn.LayerNorm}
 
     trained, _ = model_from_checkpoint(load_checkpoint(saved), CPU)  # to train on or export
     assert block_layer_types(trained) == {nn.Linear}
-    generating, _ = model_from_checkpoint(load_checkpoint(saved), CPU, "float32")
+    generating = for_inference(model_from_checkpoint(load_checkpoint(saved), CPU)[0], "float32")
     assert block_layer_types(generating) == {AllCoresLinear}
-    int8, _ = model_from_checkpoint(load_checkpoint(saved), CPU, "int8")
+    int8 = for_inference(model_from_checkpoint(load_checkpoint(saved), CPU)[0], "int8")
     assert block_layer_types(int8) == {Int8Linear}
 
 
@@ -224,18 +224,19 @@ def test_checkpoint_from_before_rotary_positions_loads_as_it_was_built():
     checkpoint = Parts(position="learned").checkpoint()
     for name in MODEL_SETTINGS_BEFORE_THEY_EXISTED:
         del checkpoint["model_config"][name]  # what an older checkpoint holds
+    bring_up_to_date(checkpoint)
     assert saved_model_config(checkpoint).position == "learned"
     model, _ = model_from_checkpoint(checkpoint, CPU)
     assert model.position_embedding is not None
 
 
-def test_older_training_settings_are_migrated_in_one_place():
+def test_older_training_settings_are_brought_up_to_date_in_one_place():
     checkpoint = Parts().checkpoint()
     train = checkpoint["train_config"]
     del train["optimizer"]  # checkpoints from before Muon trained with AdamW
     del train["min_lr_fraction"]
     train["min_lr"] = train["learning_rate"] / 4  # the schedule's floor, as older runs saved it
-    settings = saved_settings(checkpoint)
+    settings = saved_settings(bring_up_to_date(checkpoint))
     assert settings.train.optimizer == "adamw"
     assert settings.train.min_lr_fraction == pytest.approx(0.25)
 
@@ -244,7 +245,7 @@ def test_bpe_checkpoints_from_before_fitted_vocabularies_load_with_all_of_gpt2()
     checkpoint = Parts().checkpoint()
     checkpoint["tokenizer"] = BPETokenizer().to_dict()  # GPT-2, with no "gpt2_ids"
     del checkpoint["data_config"]["bpe_vocabulary"]  # what an older checkpoint holds
-    assert saved_settings(checkpoint).data.bpe_vocabulary == "full"
+    assert saved_settings(bring_up_to_date(checkpoint)).data.bpe_vocabulary == "full"
     assert saved_tokenizer(checkpoint).vocab_size == 50257
 
 
@@ -262,3 +263,13 @@ def test_architecture_options_travel_in_the_checkpoint(tmp_path, options):
     idx = torch.randint(0, model.config.vocab_size, (1, 16))
     parts.model.eval()
     torch.testing.assert_close(model(idx)[0], parts.model(idx)[0], atol=0, rtol=0)
+
+
+def test_loading_brings_an_older_checkpoint_up_to_date(tmp_path):
+    checkpoint = Parts().checkpoint()
+    del checkpoint["train_config"]["optimizer"]
+    del checkpoint["tokens_seen"]  # older versions did not count tokens
+    save_checkpoint(tmp_path / "old.pth", checkpoint)
+    loaded = load_checkpoint(tmp_path / "old.pth")
+    assert loaded["train_config"]["optimizer"] == "adamw"
+    assert loaded["tokens_seen"] == 0

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 import data_handling
 import tokenization
-from common import UserFacingError, sha256_hex
 from data_handling import (
     download_corpus,
     encode_corpus,
@@ -30,6 +29,7 @@ from data_handling import (
     split_tokens,
 )
 from hyperparameters import DataConfig
+from support.common import UserFacingError, sha256_hex
 from tokenization import BPETokenizer, CharTokenizer, stream_decode, tokenizer_from_dict
 
 
@@ -382,7 +382,7 @@ def test_char_array_encoding_equals_the_plain_one():
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):
-    from common import write_atomically
+    from support.common import write_atomically
 
     old = os.umask(0o027)
     try:

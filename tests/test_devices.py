@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT_ROOT
-from devices import keep_freed_memory
+from support.devices import keep_freed_memory
 
 BUFFER_BYTES = 2**26  # 64 MiB: above the largest mmap threshold glibc picks by itself (32 MiB)
 
@@ -24,7 +24,7 @@ BUFFER_BYTES = 2**26  # 64 MiB: above the largest mmap threshold glibc picks by 
 ALLOCATION_ROUNDS = f"""
 import resource, sys
 import torch
-from devices import keep_freed_memory
+from support.devices import keep_freed_memory
 if sys.argv[1] == "keep" and keep_freed_memory() < {BUFFER_BYTES}:
     print("skip")
     sys.exit()

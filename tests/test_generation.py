@@ -12,7 +12,6 @@ import inspect
 import pytest
 import torch
 
-from devices import compile_token_step
 from model_architecture import (
     GPT,
     KVCache,
@@ -21,7 +20,8 @@ from model_architecture import (
     top_k_filter,
     top_p_filter,
 )
-from quantization import to_precision
+from support.devices import compile_token_step
+from support.fast_paths import for_inference
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_the_compiled_token_step_gives_the_tokens_of_the_model(
 ):
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(tiny_model_config, position=position))
-    model = to_precision(model, precision).eval()
+    model = for_inference(model, precision).eval()
     token_step = compile_token_step(model)
     assert token_step is not None
     # A one-token prompt and 40 new tokens: every position of the block, and window moves.

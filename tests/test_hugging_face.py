@@ -14,10 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserFacingError
 from conftest import PROJECT_ROOT, SMALL_TEXT
-from hugging_face import (
+from hyperparameters import ModelConfig
+from model_architecture import GPT, generate
+from support.checkpoint import load_checkpoint, model_from_checkpoint
+from support.common import UserFacingError
+from support.hugging_face import (
     hf_tokenizer,
     load_gpt2_weights,
     model_config_from_gpt2,
@@ -26,8 +28,6 @@ from hugging_face import (
     read_weights,
     write_hf_folder,
 )
-from hyperparameters import ModelConfig
-from model_architecture import GPT, generate
 from tokenization import BPETokenizer, CharTokenizer, FittedBPETokenizer
 
 HARD_TEXT = (
@@ -335,7 +335,7 @@ def test_fine_tune_generate_and_export_through_the_scripts(tmp_path, tiny_gpt2):
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("First")
 
-    exported = run("export_model.py", "--out_dir", "run", cwd=tmp_path)
+    exported = run("tools/export_model.py", "--out_dir", "run", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert "GPT2LMHeadModel" in exported.stdout
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf").eval()
@@ -349,7 +349,7 @@ def test_fine_tune_generate_and_export_through_the_scripts(tmp_path, tiny_gpt2):
             model(torch.tensor([ids]))[0], theirs(torch.tensor([ids])).logits, atol=1e-4
         )
 
-    again = run("export_model.py", "--out_dir", "run", cwd=tmp_path)
+    again = run("tools/export_model.py", "--out_dir", "run", cwd=tmp_path)
     assert again.returncode == 2
     assert "--overwrite" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1

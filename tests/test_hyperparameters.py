@@ -11,14 +11,12 @@ import pytest
 
 from hyperparameters import (
     CONFIG_CLASSES,
-    NOT_OPTIONS,
     DataConfig,
     ModelConfig,
     SampleConfig,
     TrainConfig,
-    build_parser,
-    parse_configs,
 )
+from support.command_line import NOT_OPTIONS, build_parser, parse_configs
 
 ALL_GROUPS = [(cls, None) for cls in CONFIG_CLASSES]
 
@@ -178,15 +176,15 @@ def test_invalid_combinations_are_refused(cls, kwargs):
 
 
 def test_bpe_runs_take_the_bpe_defaults_unless_an_option_says_otherwise():
-    from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS
+    from hyperparameters import BPE_PRESET, FINE_TUNING_PRESET
 
     parser = build_parser("t", [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
     classes = [ModelConfig, DataConfig, TrainConfig]
     (model, data, train), _ = parse_configs(parser, classes, ["--tokenizer=bpe"])
-    assert model.block_size == BPE_DEFAULTS["block_size"] != ModelConfig().block_size
-    assert train.optimizer == BPE_DEFAULTS["optimizer"] != TrainConfig().optimizer
-    assert data.bpe_min_count == BPE_DEFAULTS["bpe_min_count"] != DataConfig().bpe_min_count
-    assert data.bpe_spell_fraction == BPE_DEFAULTS["bpe_spell_fraction"] > 0
+    assert model.block_size == BPE_PRESET["block_size"] != ModelConfig().block_size
+    assert train.optimizer == BPE_PRESET["optimizer"] != TrainConfig().optimizer
+    assert data.bpe_min_count == BPE_PRESET["bpe_min_count"] != DataConfig().bpe_min_count
+    assert data.bpe_spell_fraction == BPE_PRESET["bpe_spell_fraction"] > 0
     (model, _, train), given = parse_configs(
         parser, classes, ["--tokenizer=bpe", "--block_size=128", "--optimizer=muon"]
     )
@@ -198,7 +196,49 @@ def test_bpe_runs_take_the_bpe_defaults_unless_an_option_says_otherwise():
     assert data.tokenizer == "bpe"
     assert data.bpe_min_count == 1  # GPT-2 knows every token: fine-tuning keeps them all
     assert data.bpe_spell_fraction == 0  # and reads the text as GPT-2 would
-    assert train.learning_rate == FINE_TUNING_DEFAULTS["learning_rate"]
+    assert train.learning_rate == FINE_TUNING_PRESET["learning_rate"]
+
+
+TRAINING_CLASSES = [ModelConfig, DataConfig, TrainConfig]
+
+
+def training_parser():
+    return build_parser("t", [(cls, None) for cls in TRAINING_CLASSES])
+
+
+def test_a_preset_names_in_one_line_each_default_it_replaces(capsys):
+    parse_configs(training_parser(), TRAINING_CLASSES, ["--tokenizer=bpe", "--batch_size=3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("--tokenizer=bpe preset over hyperparameters.py's defaults: ")
+    assert "block_size 64 (not 256)" in lines[0]
+    assert "optimizer 'adamw' (not 'muon')" in lines[0]
+    assert "batch_size" not in lines[0]  # typed on the command line: the preset does not apply
+    parse_configs(training_parser(), TRAINING_CLASSES, [])
+    assert capsys.readouterr().out == ""  # characters: no preset, nothing to say
+
+
+def test_an_edited_default_that_a_preset_replaces_is_named(monkeypatch, capsys):
+    # As if a learner had edited `block_size: int = setting(128, ...)` in hyperparameters.py.
+    field = next(f for f in dataclasses.fields(ModelConfig) if f.name == "block_size")
+    monkeypatch.setattr(field, "default", 128)
+    (model, _, _), _ = parse_configs(training_parser(), TRAINING_CLASSES, ["--tokenizer=bpe"])
+    assert model.block_size == 64
+    assert "block_size 64 (not 128)" in capsys.readouterr().out
+
+
+def test_a_preset_value_equal_to_the_default_is_not_named(monkeypatch, capsys):
+    from hyperparameters import BPE_PRESET
+
+    monkeypatch.setitem(BPE_PRESET, "block_size", ModelConfig().block_size)
+    parse_configs(training_parser(), TRAINING_CLASSES, ["--tokenizer=bpe"])
+    assert "block_size" not in capsys.readouterr().out
+
+
+def test_a_resumed_run_announces_no_preset(capsys):
+    parser = training_parser()
+    parse_configs(parser, TRAINING_CLASSES, ["--tokenizer=bpe", "--resume"])
+    assert capsys.readouterr().out == ""
 
 
 def test_help_shows_each_kind_of_runs_default(capsys):

@@ -11,17 +11,13 @@ import math
 import pytest
 import torch
 
-import model_architecture
 from hyperparameters import ModelConfig
 from model_architecture import (
     GPT,
     KVCache,
     attention_maps,
-    attention_weights,
     causal_attention_manual,
     causal_attention_sdpa,
-    dropout,
-    keep_mask,
 )
 
 POSITIONS = ["rope", "learned"]  # every guarantee holds for both ways of encoding position
@@ -61,65 +57,6 @@ def test_attention_kernels_agree_when_queries_are_the_last_positions(t_query, t_
     # The last query sees every key: its output is the plain softmax-weighted mean.
     weights = torch.softmax(q[:, :, -1:] @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)
     torch.testing.assert_close(manual[:, :, -1:], weights @ v, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("p", [0.05, 0.2, 0.5])
-def test_the_dropout_mask_keeps_each_element_with_probability_one_minus_p(p):
-    torch.manual_seed(0)
-    count = 400_003  # not a multiple of 4: the last 64-bit draw is only partly used
-    keep, keep_probability = keep_mask(torch.Size((count,)), p, torch.device("cpu"))
-    assert keep.dtype == torch.bool
-    assert keep.shape == (count,)
-    assert abs(keep_probability - (1 - p)) <= 1 / 2**16
-    # Each of the four 16-bit lanes of a 64-bit draw, and all together, keep at that rate
-    # (within 5 standard deviations).
-    for lane in [keep, *(keep[i::4] for i in range(4))]:
-        spread = 5 * math.sqrt(keep_probability * (1 - keep_probability) / lane.numel())
-        assert abs(lane.float().mean().item() - keep_probability) < spread
-    # Neighbours are independent: both kept as often as chance says.
-    both = (keep[:-1] & keep[1:]).float().mean().item()
-    assert abs(both - keep_probability**2) < 5 * math.sqrt(keep_probability**2 / count)
-
-
-def test_dropout_scales_the_kept_elements_and_their_gradients():
-    torch.manual_seed(1)
-    x = (torch.rand(64, 50, 30) + 0.5).requires_grad_()  # no zeros: a zero output means dropped
-    y = dropout(x, 0.2, training=True)
-    keep = y != 0
-    scale = 1 / (1 - round(0.2 * 2**16) / 2**16)
-    torch.testing.assert_close(y, x.detach() * keep * scale)
-    upstream = torch.randn_like(y)
-    y.backward(upstream)
-    torch.testing.assert_close(x.grad, upstream * keep * scale)
-    assert abs(keep.float().mean().item() - 0.8) < 0.01
-    assert not torch.equal(dropout(x, 0.2, training=True) != 0, keep)  # a new mask each time
-    assert dropout(x, 0.2, training=False) is x
-    assert dropout(x, 0.0, training=True) is x
-
-
-def test_dropout_keeps_a_one_byte_mask_for_the_backward_pass():
-    # F.dropout on a CPU keeps a float32 mask; this dropout keeps a boolean one.
-    saved = []
-    x = torch.randn(8, 16, 32, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        dropout(x * 1, 0.1, training=True)
-    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, x.shape)]
-
-
-def test_fast_attention_with_dropout_equals_the_reference_with_the_same_mask(monkeypatch):
-    torch.manual_seed(2)
-    q, k, v = (torch.randn(2, 3, 12, 8, requires_grad=True) for _ in range(3))
-    causal = torch.ones(12, 12, dtype=torch.bool).tril()
-    fixed_keep = torch.rand(2, 3, 12, 12) > 0.3
-    monkeypatch.setattr(model_architecture, "keep_mask", lambda *args: (fixed_keep, 0.7))
-    fast = causal_attention_sdpa(q, k, v, causal, 0.3)
-    upstream = torch.randn_like(fast)
-    fast_grads = torch.autograd.grad(fast, (q, k, v), upstream)
-    reference = (attention_weights(q, k, causal) * fixed_keep / 0.7) @ v
-    reference_grads = torch.autograd.grad(reference, (q, k, v), upstream)
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
-    for got, expected in zip(fast_grads, reference_grads, strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("position", POSITIONS)

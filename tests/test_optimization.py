@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import train_model
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import build_training, tiny_train_argv
 from hyperparameters import TrainConfig
 from model_architecture import GPT
@@ -24,6 +23,7 @@ from optimization import (
     orthogonalize,
     weight_average,
 )
+from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 CPU = torch.device("cpu")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
 import train_model
-from checkpoint import load_checkpoint
 from conftest import PROJECT_ROOT, SMALL_TEXT, tiny_train_argv
+from support import common
+from support.checkpoint import load_checkpoint
 
 TRAIN = str(PROJECT_ROOT / "train_model.py")
 

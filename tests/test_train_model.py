@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import train_model
-from checkpoint import load_checkpoint
-from common import UserFacingError
 from conftest import build_training, tiny_train_argv
-from devices import resolve_device, sequences_per_pass, training_memory
 from hyperparameters import ModelConfig
+from support.checkpoint import load_checkpoint
+from support.common import UserFacingError
+from support.devices import resolve_device, sequences_per_pass, training_memory
+from support.training_log import bits_per_char
 from train_model import train_step
-from training_log import bits_per_char
 
 
 def read_metrics(out_dir):

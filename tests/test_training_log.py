@@ -12,11 +12,25 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import compare_runs
 import train_model
 from conftest import tiny_train_argv
-from run_folder import LATEST, RunFolder, latest_run, mark_latest, new_run_folder, runs_under
-from training_log import BEST_VAL_TAG, first_reached, nats_per_char, read_history, runs_figure
+from support.run_folder import (
+    LATEST,
+    RunFolder,
+    latest_run,
+    mark_latest,
+    new_run_folder,
+    runs_under,
+)
+from support.training_log import (
+    BEST_VAL_TAG,
+    first_reached,
+    nats_per_char,
+    read_history,
+    runs_figure,
+    runs_table,
+)
+from tools import compare_runs
 
 STEP_TAGS = {"step/loss", "step/learning_rate", "step/grad_norm", "step/tokens_per_s"}
 EVAL_TAGS = {
@@ -123,7 +137,7 @@ def two_runs(tmp_path, tiny_corpus):
 def test_runs_table_names_the_setting_that_differs(tmp_path, tiny_corpus):
     runs = two_runs(tmp_path, tiny_corpus)
     assert [folder.path.name for folder in runs] == ["fast", "slow"]
-    lines = compare_runs.runs_table(runs).splitlines()
+    lines = runs_table(runs).splitlines()
     header = lines[0].split()
     assert header[:2] == ["run", "train/learning_rate"]  # the only setting that differs
     assert "train/max_iters" not in header

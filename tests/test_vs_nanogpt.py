@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import vs_nanogpt
-from common import UserFacingError
-from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_configs
+from hyperparameters import SampleConfig, TrainConfig
+from support.command_line import build_parser, parse_configs
+from support.common import UserFacingError
+from tools import vs_nanogpt
 
 STAND_IN = """import json, sys
 with open("calls.jsonl", "a") as f:

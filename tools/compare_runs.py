@@ -19,58 +19,21 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+import sys
+from pathlib import Path
+
+# Run by its path (python tools/compare_runs.py), Python looks for imports in tools/; the project's
+# modules sit one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 from pathlib import Path
-from typing import Any
 
-from common import UserFacingError, figure_png, print_error, write_atomically
-from run_folder import RUNS_ROOT, RunFolder, runs_under
-from training_log import first_reached, flat_settings, nats_per_char, read_history, runs_figure
+from support.common import UserFacingError, figure_png, print_error, write_atomically
+from support.run_folder import RUNS_ROOT, RunFolder, runs_under
+from support.training_log import read_history, runs_figure, runs_table
 
 PROG = "compare_runs.py"
-MARKS = (2.0, 1.8, 1.6, 1.5)  # validation nats per character
-# Where a run was written and how it was started, not how it trains.
-NOT_COMPARED = frozenset({"train/out_dir", "train/resume", "train/overwrite"})
-
-
-def differing_settings(settings: dict[str, dict[str, Any]]) -> list[str]:
-    """The names of the settings whose values are not the same in every run."""
-    names = sorted({name for values in settings.values() for name in values} - NOT_COMPARED)
-    return [
-        name for name in names if len({repr(values.get(name)) for values in settings.values()}) > 1
-    ]
-
-
-def duration(seconds: float) -> str:
-    """Seconds as people read them: "48 s", "9.5 min"."""
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def runs_table(folders: list[RunFolder]) -> str:
-    """The runs as a text table, one row each."""
-    settings = {str(f.path): flat_settings(f.read_settings()) for f in folders}
-    differing = differing_settings(settings)
-    header = ["run", *differing, "steps", "time", "best val", *(f"to {m}" for m in MARKS)]
-    rows = [header]
-    for folder in folders:
-        history = read_history(folder.metrics)
-        values = settings[str(folder.path)]
-        best = min(nats_per_char(row["val_bpc"]) for row in history)
-        reached = [first_reached(history, mark) for mark in MARKS]
-        rows.append(
-            [
-                folder.path.name,
-                *(str(values.get(name, "-")) for name in differing),
-                str(history[-1]["step"]),
-                duration(history[-1]["elapsed_s"]),
-                f"{best:.3f}",
-                *(duration(row["elapsed_s"]) if row else "-" for row in reached),
-            ]
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
-    )
 
 
 def chosen_folders(paths: list[str]) -> list[RunFolder]:

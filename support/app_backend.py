@@ -16,14 +16,21 @@ from typing import Any
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import figure_png
-from compare_runs import runs_table
 from hyperparameters import MAX_SEED, MIN_TEMPERATURE
 from model_architecture import GPT, attention_maps, generate
-from run_folder import RunFolder, runs_under
+from support.checkpoint import load_checkpoint, model_from_checkpoint
+from support.common import figure_png
+from support.fast_paths import for_inference
+from support.run_folder import RunFolder, runs_under
+from support.training_log import (
+    bits_per_char,
+    loss_figure,
+    nats_per_char,
+    read_history,
+    runs_figure,
+    runs_table,
+)
 from tokenization import CharTokenizer, Tokenizer, stream_decode
-from training_log import bits_per_char, loss_figure, nats_per_char, read_history, runs_figure
 
 MAX_PROMPT_CHARS = 2000  # longer prompts keep their end: the model sees block_size at most
 MAX_NEW_TOKENS = 2000
@@ -45,7 +52,8 @@ class LoadedModel:
 def load_model(path: Path, device: torch.device, precision: str = "float32") -> LoadedModel:
     """Load a checkpoint for the demo (a UserFacingError says why it cannot be used)."""
     checkpoint = load_checkpoint(path)
-    model, tokenizer = model_from_checkpoint(checkpoint, device, precision)
+    model, tokenizer = model_from_checkpoint(checkpoint, device)
+    model = for_inference(model, precision)  # the same math, faster (fast_paths.py)
     config = model.config
     tokens_per_char = checkpoint.get("tokens_per_char", {}).get("val")
     best = checkpoint.get("best_val_loss", math.inf)

@@ -25,17 +25,25 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+import sys
+from pathlib import Path
+
+# Run by its path (python tools/export_model.py), Python looks for imports in tools/; the project's
+# modules sit one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserFacingError, print_error
-from hugging_face import write_hf_folder
-from hyperparameters import SampleConfig, TrainConfig, build_parser, parse_bool, parse_configs
-from run_folder import RunFolder, checkpoint_to_sample
+from hyperparameters import SampleConfig, TrainConfig
+from support.checkpoint import load_checkpoint, model_from_checkpoint
+from support.command_line import build_parser, parse_bool, parse_configs
+from support.common import UserFacingError, print_error
+from support.hugging_face import write_hf_folder
+from support.run_folder import RunFolder, checkpoint_to_sample
 
 PROG = "export_model.py"
 EXPORT_FOLDER = "hf"  # inside the run's folder, unless --to says otherwise

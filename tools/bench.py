@@ -39,6 +39,13 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+import sys
+from pathlib import Path
+
+# Run by its path (python tools/bench.py), Python looks for imports in tools/; the project's
+# modules sit one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import contextlib
 import dataclasses
@@ -54,18 +61,18 @@ from typing import Any
 
 import torch
 
-import vs_nanogpt
-from checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
-from common import UserFacingError, print_error
 from data_handling import load_splits
-from devices import compile_token_step, keep_freed_memory, sequences_per_pass
-from hyperparameters import BPE_DEFAULTS, FINE_TUNING_DEFAULTS, ModelConfig, TrainConfig
+from hyperparameters import BPE_PRESET, FINE_TUNING_PRESET, ModelConfig, TrainConfig
 from model_architecture import GPT, generate
 from optimization import make_optimizer
-from quantization import PRECISIONS, Int8Linear, to_precision
-from run_folder import RunFolder, latest_run
+from support.checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
+from support.common import UserFacingError, print_error
+from support.devices import compile_token_step, keep_freed_memory, sequences_per_pass
+from support.fast_paths import PRECISIONS, Int8Linear, for_inference, for_training
+from support.run_folder import RunFolder, latest_run
+from support.training_log import bits_per_char, first_reached, nats_per_char, read_history
+from tools import vs_nanogpt
 from train_model import Run, train_step
-from training_log import bits_per_char, first_reached, nats_per_char, read_history
 
 CHARS, GPT2_TOKENS = 65, 50257  # vocabulary sizes: Tiny Shakespeare's characters, GPT-2 BPE
 # The fitted GPT-2 vocabularies of Tiny Shakespeare's training split (val_fraction 0.1): the
@@ -106,11 +113,11 @@ def with_defaults(config_class: type, table: dict[str, Any], **changes: Any) -> 
     return config_class(**{**{k: v for k, v in table.items() if k in names}, **changes})
 
 
-# The BPE defaults (hyperparameters.BPE_DEFAULTS), with the fitted and the full vocabulary.
+# The BPE defaults (hyperparameters.BPE_PRESET), with the fitted and the full vocabulary.
 for _vocabulary, _size in (("fitted", FITTED_TWICE_GPT2_TOKENS), ("full", GPT2_TOKENS)):
     TRAIN_SHAPES[f"BPE defaults, {_vocabulary}"] = (
-        with_defaults(ModelConfig, BPE_DEFAULTS, vocab_size=_size),
-        with_defaults(TrainConfig, BPE_DEFAULTS),
+        with_defaults(ModelConfig, BPE_PRESET, vocab_size=_size),
+        with_defaults(TrainConfig, BPE_PRESET),
     )
 # GPT-2 124M's shape as --init_from=gpt2 fine-tunes it (its defaults; block 256 of its 1,024
 # positions), with both vocabularies. Random weights: the speed does not depend on them.
@@ -118,9 +125,9 @@ GPT2_124M = {"n_layer": 12, "n_head": 12, "n_embd": 768, "position": "learned"}
 for _vocabulary, _size in (("fitted", FITTED_GPT2_TOKENS), ("full", GPT2_TOKENS)):
     TRAIN_SHAPES[f"GPT-2 124M fine-tuning, {_vocabulary}"] = (
         with_defaults(
-            ModelConfig, FINE_TUNING_DEFAULTS, **GPT2_124M, activation="gelu_tanh", vocab_size=_size
+            ModelConfig, FINE_TUNING_PRESET, **GPT2_124M, activation="gelu_tanh", vocab_size=_size
         ),
-        with_defaults(TrainConfig, FINE_TUNING_DEFAULTS),
+        with_defaults(TrainConfig, FINE_TUNING_PRESET),
     )
 # Generation: the 6 x 384 character model at 1,000 and 2,000 tokens in every mode, and the
 # BPE and GPT-2 models at GENERATE_OTHERS_TOKENS, cached, float32.
@@ -189,7 +196,7 @@ def train_speed(name: str, steps: int, compile_model: bool = False) -> dict[str,
     train_config = dataclasses.replace(train_config, warmup_iters=0, max_iters=steps + 2)
     keep_freed_memory()  # as train_model.py does
     torch.manual_seed(0)
-    model = GPT(model_config)
+    model = for_training(GPT(model_config))  # as train_model.py trains it
     device = torch.device("cpu")
     run = Run(
         model=model,
@@ -234,7 +241,7 @@ def generate_speed(name: str, new_tokens: int, mode: str, precision: str) -> dic
     """
     torch.manual_seed(0)
     config = GENERATE_MODELS[name]
-    model = to_precision(GPT(config), precision).eval()
+    model = for_inference(GPT(config), precision).eval()
     prompt = torch.randint(0, config.vocab_size, (16,)).tolist()
     generator = torch.Generator().manual_seed(0)
     use_cache = mode != "recompute"
@@ -305,7 +312,8 @@ def full_validation_loss(
     as in training. The loss per character divides by the characters of the scored tokens.
     """
     checkpoint = load_checkpoint(checkpoint_path)
-    model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"), precision)
+    model, tokenizer = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model = for_inference(model, precision)
     block = model.config.block_size
     val = load_splits(saved_settings(checkpoint).data, block, tokenizer).tokens["val"].long()
     inputs, targets = val[:-1], val[1:]
@@ -456,11 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(TRAIN_SHAPES),
         help="training shapes to time (default: all)",
     )
+    add_comparison_options(parser)
+    parser.add_argument("--json", default="bench.json", help="where to write the figures")
+    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)  # one measuring process
+    return parser
+
+
+def add_comparison_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the side-by-side measurement with nanoGPT."""
     parser.add_argument(
         "--vs-nanogpt",
         metavar="PATH",
         help="also time nanoGPT (a checkout at PATH) and this project on the same work, "
-        "alternating (see vs_nanogpt.py); uses --corpus",
+        "alternating (see tools/vs_nanogpt.py); uses --corpus",
     )
     parser.add_argument(
         "--pairs", type=int, default=2, help="--vs-nanogpt: A B rounds per case (default: 2)"
@@ -468,9 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--corpus", default="input.txt", help="--vs-nanogpt's text (default: input.txt)"
     )
-    parser.add_argument("--json", default="bench.json", help="where to write the figures")
-    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)  # one measuring process
-    return parser
 
 
 def measure_training(args: argparse.Namespace) -> dict[str, Any]:

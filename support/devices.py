@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import UserFacingError, first_line
 from hyperparameters import ModelConfig, TrainConfig
 from model_architecture import GPT, KVCache
+from support.common import UserFacingError, first_line
 
 FLOAT_BYTES = 4  # weights, gradients and activations are float32 (autocast keeps a copy)
 
@@ -44,8 +44,8 @@ def keep_freed_memory() -> int:
 
     A training step frees and allocates the same activation buffers again and again. By
     default glibc serves large buffers from fresh pages of the system and gives freed memory
-    back, so every step pays page faults to touch them again (100-1,500 a step at the small
-    shape; more with dropout, whose attention weights are large temporaries). Buffers below
+    back, so every step pays page faults to touch them again (more with dropout, whose
+    attention weights are large temporaries). Buffers below
     the mmap threshold come from the process's own heap, which now keeps what is freed.
     Returns 0 where the C library is not glibc.
     """
@@ -140,8 +140,8 @@ def training_memory(config: ModelConfig, batch_size: int, sequences_per_pass: in
     """
     weights = model_memory(config)
     T, C = config.block_size, config.n_embd
-    # Per token and layer, about 16 floats of width C are kept (projections, GELU, norms; 6 x 384
-    # at batch 64 measured 3.3 GB). Unfused attention (the manual path, and the fused path's own
+    # Per token and layer, about 16 floats of width C are kept (projections, GELU, norms).
+    # Unfused attention (the manual path, and the fused path's own
     # steps when there is dropout on a CPU) keeps T-wide rows for each head. The logits and
     # their gradient take a few floats per vocabulary entry.
     unfused = config.attention == "manual" or config.dropout > 0
@@ -153,8 +153,7 @@ def training_memory(config: ModelConfig, batch_size: int, sequences_per_pass: in
 
 
 # Passes of at most this many tokens keep each operation's tensors small enough for a CPU's
-# caches. train_model.py with a 6 x 384 model, context 256, batch 64: 6.66 s a step in one pass,
-# 5.04 s in passes of 8 (dropout 0); 15.3 against 8.5 s with dropout 0.2.
+# caches, which makes a step faster than one pass over the whole batch (docs/performance.md).
 CPU_TOKENS_PER_PASS = 2048
 
 

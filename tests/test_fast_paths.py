@@ -1,14 +1,126 @@
-"""Generation's layers: int8 weights close to float32, float32 products on every core."""
+"""The fast paths equal the readable model: training's CPU dropout, generation's layers (int8
+weights close to float32, float32 products on every core).
+
+Run alone: python -m pytest tests/test_fast_paths.py
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import pytest
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from model_architecture import GPT, generate
-from quantization import FLOAT32_MULTIPLY_MIN_ROWS, AllCoresLinear, Int8Linear, to_precision
+from model_architecture import GPT, attention_weights, causal_attention_sdpa, generate
+from support import fast_paths
+from support.fast_paths import (
+    FLOAT32_MULTIPLY_MIN_ROWS,
+    AllCoresLinear,
+    CPUDropout,
+    Int8Linear,
+    attention_with_cpu_dropout,
+    dropout,
+    for_inference,
+    for_training,
+    keep_mask,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Training: the CPU dropout
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5])
+def test_the_dropout_mask_keeps_each_element_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    count = 400_003  # not a multiple of 4: the last 64-bit draw is only partly used
+    keep, keep_probability = keep_mask(torch.Size((count,)), p, torch.device("cpu"))
+    assert keep.dtype == torch.bool
+    assert keep.shape == (count,)
+    assert abs(keep_probability - (1 - p)) <= 1 / 2**16
+    # Each of the four 16-bit lanes of a 64-bit draw, and all together, keep at that rate
+    # (within 5 standard deviations).
+    for lane in [keep, *(keep[i::4] for i in range(4))]:
+        spread = 5 * math.sqrt(keep_probability * (1 - keep_probability) / lane.numel())
+        assert abs(lane.float().mean().item() - keep_probability) < spread
+    # Neighbours are independent: both kept as often as chance says.
+    both = (keep[:-1] & keep[1:]).float().mean().item()
+    assert abs(both - keep_probability**2) < 5 * math.sqrt(keep_probability**2 / count)
+
+
+def test_dropout_scales_the_kept_elements_and_their_gradients():
+    torch.manual_seed(1)
+    x = (torch.rand(64, 50, 30) + 0.5).requires_grad_()  # no zeros: a zero output means dropped
+    y = dropout(x, 0.2, training=True)
+    keep = y != 0
+    scale = 1 / (1 - round(0.2 * 2**16) / 2**16)
+    torch.testing.assert_close(y, x.detach() * keep * scale)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    torch.testing.assert_close(x.grad, upstream * keep * scale)
+    assert abs(keep.float().mean().item() - 0.8) < 0.01
+    assert not torch.equal(dropout(x, 0.2, training=True) != 0, keep)  # a new mask each time
+    assert dropout(x, 0.2, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
+
+
+def test_dropout_keeps_a_one_byte_mask_for_the_backward_pass():
+    # F.dropout on a CPU keeps a float32 mask; this dropout keeps a boolean one.
+    saved = []
+    x = torch.randn(8, 16, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dropout(x * 1, 0.1, training=True)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, x.shape)]
+
+
+def test_fast_attention_with_dropout_equals_the_reference_with_the_same_mask(monkeypatch):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 12, 8, requires_grad=True) for _ in range(3))
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    fixed_keep = torch.rand(2, 3, 12, 12) > 0.3
+    monkeypatch.setattr(fast_paths, "keep_mask", lambda *args: (fixed_keep, 0.7))
+    fast = attention_with_cpu_dropout(q, k, v, causal, 0.3)
+    upstream = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad(fast, (q, k, v), upstream)
+    reference = (attention_weights(q, k, causal) * fixed_keep / 0.7) @ v
+    reference_grads = torch.autograd.grad(reference, (q, k, v), upstream)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    for got, expected in zip(fast_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_for_training_swaps_only_the_dropout_and_computes_the_same(tiny_model_config):
+    config = dataclasses.replace(tiny_model_config, dropout=0.25)
+    torch.manual_seed(0)
+    reference = GPT(config)
+    fast = for_training(GPT(config))
+    fast.load_state_dict(reference.state_dict())  # the same keys: nothing new is saved
+    kinds = {type(m) for m in fast.modules() if isinstance(m, nn.Dropout)}
+    assert kinds == {CPUDropout}
+    assert all(b.attn.attend is attention_with_cpu_dropout for b in fast.blocks)
+    idx = torch.randint(0, tiny_model_config.vocab_size, (2, 16))
+    torch.testing.assert_close(fast.eval()(idx)[0], reference.eval()(idx)[0], atol=0, rtol=0)
+    # Training with p = 0 draws no mask: the two are the same function.
+    for model in (reference, fast):
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        for block in model.blocks:
+            block.attn.dropout = 0.0
+    torch.testing.assert_close(fast.train()(idx)[0], reference.train()(idx)[0], atol=0, rtol=0)
+
+
+def test_for_training_keeps_the_manual_reference_attention(tiny_model_config):
+    config = dataclasses.replace(tiny_model_config, attention="manual", dropout=0.1)
+    model = for_training(GPT(config))
+    assert all(b.attn.attend is not attention_with_cpu_dropout for b in model.blocks)
+    assert causal_attention_sdpa is not attention_with_cpu_dropout
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: int8, bfloat16, float32 on every core
 
 
 @pytest.mark.parametrize("in_features", [32, 20])  # the CPU kernel's width, and another
@@ -65,7 +177,7 @@ def test_each_row_is_stored_as_int8_steps_of_its_own_scale():
 
 
 def test_an_int8_model_keeps_its_embedding_and_norms_in_float32(tiny_model_config):
-    model = to_precision(GPT(tiny_model_config), "int8")
+    model = for_inference(GPT(tiny_model_config), "int8")
     int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert len(int8_layers) == 4 * tiny_model_config.n_layer  # q/k/v, out, and the MLP's two
     assert not any(isinstance(m, nn.Linear) for m in model.blocks.modules())
@@ -79,7 +191,7 @@ def prepared_copy(model: GPT, precision: str) -> GPT:
     """A copy of the model, with the same weights, prepared for generation in `precision`."""
     twin = GPT(model.config)
     twin.load_state_dict(model.state_dict())
-    return to_precision(twin, precision).eval()
+    return for_inference(twin, precision).eval()
 
 
 def test_an_int8_model_gives_close_logits_and_generates(tiny_model_config):
@@ -99,7 +211,7 @@ def test_an_int8_model_gives_close_logits_and_generates(tiny_model_config):
 
 
 def test_bfloat16_only_changes_the_number_type(tiny_model_config):
-    model = to_precision(GPT(tiny_model_config), "bfloat16")
+    model = for_inference(GPT(tiny_model_config), "bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(isinstance(m, (Int8Linear, AllCoresLinear)) for m in model.modules())
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common import UserFacingError, write_atomically
+from support.common import UserFacingError, write_atomically
 
 try:
     import fcntl  # POSIX file locks

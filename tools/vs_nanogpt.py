@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import UserFacingError
+from support.common import UserFacingError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "sample.py")

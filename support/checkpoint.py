@@ -17,8 +17,8 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
     rng              the random streams: torch's (dropout), the batches', CUDA's if any
     torch_version    for diagnostics
 
-Checkpoints written by earlier versions of the project lack some settings; the values they
-were made with are filled in here (`saved_settings`), and nowhere else.
+Checkpoints written by earlier versions of the project lack some settings; load_checkpoint
+brings them up to date (support/older_checkpoints.py), so everything here reads one form.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from common import UserFacingError, first_line, write_atomically
-from devices import model_memory, require_memory
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer, model_to_keep
-from quantization import to_precision
+from support.common import UserFacingError, first_line, write_atomically
+from support.devices import model_memory, require_memory
+from support.older_checkpoints import bring_up_to_date
 from tokenization import Tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 1
@@ -55,15 +55,6 @@ RESUME_KEYS = {
     "best_val_loss": float,
 }
 HOW_TO_TRAIN = "train one with `python train_model.py`"
-# Settings added after format version 1 was fixed: a checkpoint without them was made the way
-# these values say, whatever today's defaults are.
-MODEL_SETTINGS_BEFORE_THEY_EXISTED = {"position": "learned"}
-TRAIN_SETTINGS_BEFORE_THEY_EXISTED = {"optimizer": "adamw"}
-DATA_SETTINGS_BEFORE_THEY_EXISTED = {
-    "bpe_vocabulary": "full",
-    "bpe_min_count": 1,
-    "bpe_spell_fraction": 0.0,
-}
 
 
 @dataclasses.dataclass
@@ -201,7 +192,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint {path} has format version {checkpoint['format_version']!r:.20}; "
             f"this version of the project reads version {FORMAT_VERSION}"
         )
-    return checkpoint
+    return bring_up_to_date(checkpoint)
 
 
 def is_state_dict(weights: object) -> bool:
@@ -252,25 +243,17 @@ def saved_model_config(checkpoint: dict[str, Any]) -> ModelConfig:
     """The model settings a checkpoint was trained with."""
     if not isinstance(checkpoint["model_config"], dict):
         raise UserFacingError("checkpoint holds an invalid model config (not a dict)")
-    saved = {**MODEL_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["model_config"]}
     try:
-        return ModelConfig(**_known_fields(ModelConfig, saved))
+        return ModelConfig(**_known_fields(ModelConfig, checkpoint["model_config"]))
     except (TypeError, ValueError) as err:
         raise UserFacingError(f"checkpoint holds an invalid model config ({err})") from None
 
 
 def saved_settings(checkpoint: dict[str, Any]) -> RunSettings:
     """Every setting a checkpoint's run was made with, as this version of the project names them."""
-    data = {**DATA_SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["data_config"]}
-    saved_train = checkpoint.get("train_config", {})
-    if not isinstance(saved_train, dict):
-        raise UserFacingError("the saved run's settings are not valid (train_config)")
-    train = {**TRAIN_SETTINGS_BEFORE_THEY_EXISTED, **saved_train}
-    if "min_lr" in train:  # older checkpoints hold the schedule's floor itself, not its share
-        try:
-            train["min_lr_fraction"] = train["min_lr"] / train["learning_rate"]
-        except (TypeError, ZeroDivisionError, KeyError):
-            raise UserFacingError("the saved run's settings are not valid (min_lr)") from None
+    data, train = checkpoint["data_config"], checkpoint.get("train_config", {})
+    if not isinstance(data, dict) or not isinstance(train, dict):
+        raise UserFacingError("the saved run's settings are not valid (data_config, train_config)")
     try:
         return RunSettings(
             model=saved_model_config(checkpoint),
@@ -287,18 +270,18 @@ def saved_tokenizer(checkpoint: dict[str, Any]) -> Tokenizer:
 
 
 def saved_corpus_sha256(checkpoint: dict[str, Any]) -> str:
-    """The sha256 of the text a checkpoint's run trained on ("" in older checkpoints)."""
-    saved = checkpoint.get("corpus_sha256")
+    """The sha256 of the text a checkpoint's run trained on ("" if older versions did not say)."""
+    saved = checkpoint["corpus_sha256"]
     return saved if isinstance(saved, str) else ""
 
 
 def model_from_checkpoint(
-    checkpoint: dict[str, Any], device: torch.device, precision: str | None = None
+    checkpoint: dict[str, Any], device: torch.device
 ) -> tuple[GPT, Tokenizer]:
     """Rebuild the model (in eval mode, on `device`) and its tokenizer from a checkpoint alone.
 
-    precision: None keeps the model as it trained (float32 nn.Linear layers), to train on or
-    export; "float32", "bfloat16" or "int8" prepare it for generation (see quantization.py).
+    The model is the readable one, as it trained; generation prepares it with
+    support.fast_paths.for_inference.
     """
     model_config = saved_model_config(checkpoint)
     tokenizer = saved_tokenizer(checkpoint)
@@ -327,10 +310,7 @@ def model_from_checkpoint(
         details = str(err).strip().splitlines()
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
-    model = model.to(device)
-    if precision is not None:
-        model = to_precision(model, precision)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def restore_weights(checkpoint: dict[str, Any], model: GPT, average: AveragedModel | None) -> None:
@@ -377,7 +357,7 @@ def restore_training_state(
         batch_generator=batch_generator,
         step=checkpoint["step"],
         best_val_loss=checkpoint["best_val_loss"],
-        tokens_seen=checkpoint.get("tokens_seen", 0),
+        tokens_seen=checkpoint["tokens_seen"],
         # Older checkpoints do not hold the time; their last logged evaluation does.
         elapsed_s=checkpoint.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0),
         history=history,

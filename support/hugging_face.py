@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from common import UserFacingError, write_atomically
 from hyperparameters import ModelConfig
 from model_architecture import GPT
+from support.common import UserFacingError, write_atomically
 from tokenization import (
     GPT2_END_OF_TEXT,
     BPETokenizer,

@@ -1,0 +1,444 @@
+"""A training run's plumbing, behind one object: what train_model.py's recipe stands on.
+
+train_model.py says what training is (data, model, optimizer, a loop of step / evaluate /
+save). A TrainingSession does the rest: it reads the settings (from the command line, or from
+the checkpoint of the run it resumes), holds the run folder's lock, chooses the device (joining
+a torchrun job if there is one), checks that the model fits in memory, restores a resumed run's
+progress and random streams, listens for Ctrl-C and SIGTERM, and writes the metrics, plot,
+TensorBoard log and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from data_handling import CorpusSplits, load_splits
+from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
+from model_architecture import GPT
+from optimization import Optimizer, learning_rate_at
+from support.checkpoint import (
+    RunDescription,
+    TrainingState,
+    check_resumable,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    restore_training_state,
+    restore_weights,
+    save_checkpoint,
+    saved_corpus_sha256,
+    saved_settings,
+    saved_tokenizer,
+)
+from support.command_line import build_parser, parse_configs
+from support.common import ForgivingStream, UserFacingError
+from support.devices import (
+    Distributed,
+    StopRequest,
+    any_process,
+    model_memory,
+    process_rank,
+    require_memory,
+    sequences_per_pass,
+    setup_compute,
+    shutdown_distributed,
+    start_random_streams,
+    training_memory,
+    wait_for_all,
+)
+from support.hugging_face import load_gpt2_weights, pretrained_gpt2, read_weights
+from support.run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
+from support.training_log import (
+    Progress,
+    TensorBoardLog,
+    best_evaluation,
+    evaluation_row,
+    model_sample,
+    nats_per_char,
+    plot_losses,
+    read_history,
+    write_history,
+)
+
+
+class TrainingDiverged(Exception):
+    """The loss stopped being a finite number."""
+
+    def __init__(self, loss: float, step: int, out_dir: Path) -> None:
+        super().__init__(
+            f"loss became {loss} by step {step}; the checkpoints in {out_dir} are from the "
+            "last good evaluation. Try a lower --learning_rate"
+        )
+
+
+class Trainee(Protocol):
+    """What the session reads of train_model.Run: the model and what trains it."""
+
+    model: GPT
+    optimizer: Optimizer
+    scaler: torch.amp.GradScaler
+    average: AveragedModel | None
+    splits: dict[str, torch.Tensor]
+
+    def final_model(self) -> GPT:
+        """What checkpoints keep for generation."""
+
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step learns from, over all processes."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: the command line for a new run, the checkpoint for a resumed one
+
+
+def settings_for_resume(saved: RunSettings, given: dict[str, Any], out_dir: str) -> RunSettings:
+    """A resumed run's settings: the saved ones, changed by the options given now where allowed.
+
+    The model, the data and the optimizer cannot change (a contradicting option is a user
+    error); other training settings (max_iters, learning_rate, ...) may; out_dir is where the
+    checkpoint was found, and --data may point at a corpus that moved.
+    """
+    fixed = {
+        **dataclasses.asdict(saved.model),
+        **dataclasses.asdict(saved.data),
+        "optimizer": saved.train.optimizer,
+        "init_from": saved.train.init_from,
+    }
+    conflicts = [
+        name
+        for name, value in fixed.items()
+        if name in given and name != "data" and given[name] != value
+    ]
+    if conflicts:
+        raise UserFacingError(
+            f"--resume keeps the saved run's {', '.join(conflicts)}; drop those options or "
+            "start a new run in another --out_dir"
+        )
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    changes = {name: value for name, value in given.items() if name in train_fields}
+    try:
+        train = dataclasses.replace(saved.train, **{**changes, "out_dir": out_dir, "resume": True})
+    except ValueError as err:
+        raise UserFacingError(f"the saved run's settings are not valid ({err})") from None
+    data = dataclasses.replace(saved.data, data=given.get("data", saved.data.data))
+    return RunSettings(model=saved.model, data=data, train=train)
+
+
+def read_settings(
+    argv: list[str] | None, description: str
+) -> tuple[RunSettings, dict[str, Any] | None]:
+    """The run's settings from the command line, or from the checkpoint when resuming."""
+    parser = build_parser(
+        description, [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)]
+    )
+    (model_config, data_config, train_config), given = parse_configs(
+        parser, [ModelConfig, DataConfig, TrainConfig], argv
+    )
+    if not train_config.resume:
+        # Under torchrun, process 0 creates the folder; the others write nothing there.
+        claim = process_rank() == 0
+        folder = folder_for_new_run(train_config.out_dir, train_config.overwrite, claim)
+        train_config = dataclasses.replace(train_config, out_dir=str(folder.path))
+        return RunSettings(model=model_config, data=data_config, train=train_config), None
+    folder = chosen_run(train_config.out_dir)
+    checkpoint = load_checkpoint(folder.last_checkpoint)
+    check_resumable(checkpoint)
+    settings = settings_for_resume(saved_settings(checkpoint), given, str(folder.path))
+    if checkpoint["step"] >= settings.train.max_iters:
+        raise UserFacingError(
+            f"the saved run already did {checkpoint['step']} steps; raise --max_iters to "
+            "train further"
+        )
+    return settings, checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# The session
+
+
+class TrainingSession:
+    """One training process's run: its settings, folder, device, progress and outputs.
+
+    Use: `open` (a context: settings, folder lock, device), then `load_corpus`,
+    `initial_model` and `start`; in the loop `evaluation_due` / `record_evaluation`,
+    `stop_requested`, `report_step`; at the end `finish` or `save_and_stop`.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+        self.settings: RunSettings
+        self.checkpoint: dict[str, Any] | None = None  # of the run being resumed
+        self.folder: RunFolder | None = None
+        self.distributed = Distributed()
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.sequences_per_pass = 0  # sequences in one forward and backward pass
+        self.description: RunDescription
+        self.state: TrainingState
+        self.progress: Progress | None = None
+        self.stop = StopRequest()
+        self.clock_start, self.elapsed_before = 0.0, 0.0
+
+    @contextlib.contextmanager
+    def open(self, argv: list[str] | None, description: str) -> Iterator[RunSettings]:
+        """Read the settings, hold the run folder and choose the device; yield the settings.
+
+        Output that cannot be written (a closed terminal or pipe) is dropped rather than ending
+        the run before it saves; under torchrun only process 0 reports progress.
+        """
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = ForgivingStream(sys.stdout), ForgivingStream(sys.stderr)
+        try:
+            if process_rank() > 0:
+                sys.stdout = ForgivingStream(open(os.devnull, "w"))  # noqa: SIM115 - for good
+            self.settings, self.checkpoint = read_settings(argv, description)
+            self.folder = RunFolder(Path(self.settings.train.out_dir))
+            # One training process per folder: process 0 holds it (the others write nothing).
+            new_run = self.checkpoint is None
+            lock = self.folder.lock(discard_if_empty=new_run) if process_rank() == 0 else None
+            with lock or contextlib.nullcontext():
+                self.distributed, self.device, self.dtype = setup_compute(self.settings.train)
+                yield self.settings
+        finally:
+            shutdown_distributed()
+            sys.stdout, sys.stderr = streams
+
+    # --- Before the loop ---------------------------------------------------------------------
+
+    def load_corpus(self) -> CorpusSplits:
+        """The corpus, tokenized (by a resumed run's own tokenizer) and split; say its facts."""
+        settings, checkpoint = self.settings, self.checkpoint
+        if checkpoint is None:
+            corpus = load_splits(settings.data, settings.model.block_size)
+        else:
+            tokenizer, trained_on = saved_tokenizer(checkpoint), saved_corpus_sha256(checkpoint)
+            corpus = load_splits(settings.data, settings.model.block_size, tokenizer, trained_on)
+        print(corpus.summary())
+        return corpus
+
+    def initial_model(self, corpus: CorpusSplits) -> GPT:
+        """A new model, GPT-2's (--init_from) or the resumed run's, on the device, in training mode.
+
+        Fixes the model's settings (the vocabulary's size, a pretrained model's shape) and
+        refuses, in one line, a model and batch that the device cannot hold.
+        """
+        settings, checkpoint, tokenizer = self.settings, self.checkpoint, corpus.tokenizer
+        pretrained = None
+        if checkpoint is None and settings.train.init_from:
+            pretrained = pretrained_gpt2(settings.train.init_from, settings.model, tokenizer)
+        model_config = pretrained.config if pretrained is not None else settings.model
+        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+        self.settings = settings = dataclasses.replace(settings, model=model_config)
+        self.description = RunDescription(
+            settings, tokenizer, corpus.tokens_per_char(), corpus.sha256
+        )
+        self._check_memory()
+        if checkpoint is not None:
+            model = model_from_checkpoint(checkpoint, self.device)[0].train()
+        elif pretrained is not None:
+            model = GPT(model_config)
+            load_gpt2_weights(model, read_weights(pretrained.weights), tokenizer)
+            model = model.to(self.device)
+            print(f"model: GPT-2's weights from {pretrained.weights}")
+        else:
+            model = GPT(model_config).to(self.device)
+        print(f"model: {model.num_parameters():,} parameters")
+        return model
+
+    def _check_memory(self) -> None:
+        """Choose the pass size, and refuse a run the device cannot hold."""
+        model, train = self.settings.model, self.settings.train
+        self.sequences_per_pass = sequences_per_pass(
+            train.sequences_per_pass, train.batch_size, model.block_size, self.device
+        )
+        averaged_copy = model_memory(model) if train.weight_average else 0
+        require_memory(
+            training_memory(model, train.batch_size, self.sequences_per_pass) + averaged_copy,
+            self.device,
+            "training this model on this batch",
+            "lower --sequences_per_pass, --batch_size, --block_size, --n_embd or --n_layer",
+        )
+
+    def start(self, run: Trainee) -> None:
+        """Seed the random streams; restore a resumed run; set up the folder and the logs."""
+        checkpoint, folder = self.checkpoint, self.folder
+        assert folder is not None, "start comes after open"
+        resumed_step = checkpoint["step"] if checkpoint is not None else 0
+        batch_generator = start_random_streams(self.settings.train, self.distributed, resumed_step)
+        if checkpoint is None:
+            if folder.holds_a_run():  # only with --overwrite: read_settings refuses otherwise
+                print(
+                    f"starting a new run: the run in {folder.path} will be replaced (--overwrite)"
+                )
+            self.state = TrainingState(batch_generator)
+        else:
+            self.state = self._resumed_state(run, batch_generator)
+            checkpoint.clear()  # its tensors now live in the model and optimizer: no second copy
+        if self.distributed.is_main:
+            # A new run clears what the folder holds of an earlier one: --overwrite let it
+            # replace a run, and files without a checkpoint (a run killed at once) are worth
+            # nothing.
+            folder.start(self.settings.to_dict(), replace=checkpoint is None)
+            mark_latest(folder)
+        self._say_batch(run)
+
+    def _resumed_state(self, run: Trainee, batch_generator: torch.Generator) -> TrainingState:
+        """The saved run's weights, optimizer, random streams and progress, put back."""
+        checkpoint, folder = self.checkpoint, self.folder
+        assert checkpoint is not None, "only a resumed run has a checkpoint"
+        restore_weights(checkpoint, run.model, run.average)
+        state = restore_training_state(
+            checkpoint,
+            run.optimizer,
+            run.scaler,
+            batch_generator,
+            history=read_history(folder.metrics, checkpoint["step"]),
+            restore_random_streams=self.distributed.is_main,
+        )
+        best = best_evaluation(state.history)
+        best_loss = (  # per character, as the log says it; the history can be missing
+            f"{nats_per_char(best['val_bpc']):.4f} nats/char"
+            if best is not None and math.isclose(best["val_loss"], state.best_val_loss)
+            else f"{state.best_val_loss:.4f} nats/token"
+        )
+        print(f"resuming from step {state.step} (best validation loss {best_loss})")
+        return state
+
+    def _say_batch(self, run: Trainee) -> None:
+        train, block_size = self.settings.train, self.settings.model.block_size
+        print(
+            f"global batch: {train.batch_size} x {train.gradient_accumulation_steps}"
+            f" accumulation x {self.distributed.world_size} processes = "
+            f"{run.tokens_per_step() // block_size} sequences of {block_size} tokens, "
+            f"{self.sequences_per_pass} sequences per forward and backward pass"
+        )
+
+    @contextlib.contextmanager
+    def running(self, run: Trainee) -> Iterator[None]:
+        """While the loop runs: a progress bar, the TensorBoard log, a polite Ctrl-C."""
+        train, state = self.settings.train, self.state
+        board = None
+        if self.distributed.is_main:
+            resumed = state.step if train.resume else None
+            board = TensorBoardLog(self.folder.path, self.settings.to_dict(), resumed)
+        self.progress = Progress(train.max_iters, state.step, run.tokens_per_step(), board)
+        self.clock_start, self.elapsed_before = time.perf_counter(), state.elapsed_s
+        with self.stop, contextlib.closing(self.progress):
+            yield
+
+    # --- In the loop -------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Bring the run's training time up to now (it adds up over every session of a run)."""
+        self.state.elapsed_s = self.elapsed_before + time.perf_counter() - self.clock_start
+
+    def evaluation_due(self) -> bool:
+        """Every eval_interval steps and at the last, once per step, by process 0 only."""
+        step, history = self.state.step, self.state.history
+        due = step % self.settings.train.eval_interval == 0 or step == self.settings.train.max_iters
+        logged = bool(history) and history[-1]["step"] == step
+        return due and not logged and self.distributed.is_main
+
+    def record_evaluation(self, losses: dict[str, float], run: Trainee) -> None:
+        """Log the losses (metrics.jsonl, the plot, TensorBoard, a line) and save checkpoints."""
+        self._tick()
+        state, folder, train = self.state, self.folder, self.settings.train
+        if not all(math.isfinite(loss) for loss in losses.values()):
+            raise TrainingDiverged(losses["train"], state.step, folder.path)
+        lr = learning_rate_at(state.step, train)
+        tokens_per_char = self.description.tokens_per_char
+        row = evaluation_row(state.step, losses, tokens_per_char, lr, state.elapsed_s)
+        state.history.append(row)
+        tqdm.write(
+            f"step {state.step}: validation {nats_per_char(row['val_bpc']):.4f} nats/char "
+            f"({row['val_bpc']:.3f} bits/char); per token: train {row['train_loss']:.4f}, "
+            f"val {row['val_loss']:.4f}"
+        )
+        write_history(state.history, folder.metrics)
+        plot_losses(state.history, folder.loss_plot)
+        if losses["val"] < state.best_val_loss:
+            state.best_val_loss = losses["val"]
+            self._save(run, folder.best_checkpoint)
+        self._save(run, folder.last_checkpoint)
+        if self.progress.board is not None:
+            best_bpc = min(r["val_bpc"] for r in state.history)
+            prompt = run.splits["val"][:1].tolist()  # the validation text's first token
+            sample = model_sample(run.final_model(), self.description.tokenizer, prompt, train.seed)
+            self.progress.board.log_evaluation(row, best_bpc, sample)
+
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C or SIGTERM asked any process to stop: all stop at the same step."""
+        return any_process(self.stop.requested, self.distributed, self.device)
+
+    def report_step(self, run: Trainee, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Count the step just taken; every log_interval, show its loss and stop a diverged run."""
+        state, train = self.state, self.settings.train
+        state.tokens_seen += run.tokens_per_step()
+        self.progress.bar.update(1)
+        if state.step % train.log_interval == 0:
+            # The loop's only wait for the device, every log_interval steps (with
+            # --weight_average on a GPU, AveragedModel also copies its count there every step).
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(loss_value, state.step, self.folder.path)
+            lr = learning_rate_at(state.step, train)
+            self.progress.log_step(state.step, loss_value, lr, grad_norm.item())
+
+    # --- After the loop ----------------------------------------------------------------------
+
+    def finish(self) -> int:
+        """Say where the run ended and how to sample from it; returns the exit status."""
+        self.progress.close()
+        wait_for_all(self.distributed)  # nobody shuts down while process 0 still saves
+        if self.distributed.is_main:
+            best = best_evaluation(self.state.history)
+            assert best is not None, "a finished run has evaluated at least once"
+            print(
+                f"done in {self.state.history[-1]['elapsed_s']:.0f} s: best validation loss "
+                f"{nats_per_char(best['val_bpc']):.4f} nats/char ({best['val_bpc']:.3f} "
+                f"bits/char, {best['val_loss']:.4f} nats/token) at step {best['step']}; "
+                f"checkpoints in {self.folder.path}/. Sample with: python generate_text.py "
+                f"--out_dir={self.folder.path}"
+            )
+        return 0
+
+    def save_and_stop(self, run: Trainee) -> int:
+        """Save the latest checkpoint after a Ctrl-C, say how to continue; returns the status."""
+        self._tick()
+        self.progress.close()
+        if self.distributed.is_main:
+            self._save(run, self.folder.last_checkpoint)
+        wait_for_all(self.distributed)  # nobody shuts down while process 0 still saves
+        if self.distributed.is_main:
+            print(
+                f"stopped at step {self.state.step}; saved {self.folder.last_checkpoint}. "
+                f"Continue with: python {self.prog} --resume --out_dir={self.folder.path}",
+                file=sys.stderr,
+            )
+        return 130
+
+    def interrupted(self) -> int:
+        """Say what a second Ctrl-C (or one during start-up) left behind; returns the status."""
+        saved = self.folder is not None and self.folder.last_checkpoint.exists()
+        kept = "the last checkpoint is intact" if saved else "nothing had been saved yet"
+        print(f"{self.prog}: interrupted; {kept}", file=sys.stderr)
+        return 130
+
+    def _save(self, run: Trainee, path: Path) -> None:
+        """Save a checkpoint of the run as it stands."""
+        checkpoint = make_checkpoint(
+            run.model, run.optimizer, run.scaler, self.description, self.state, run.average
+        )
+        save_checkpoint(path, checkpoint)
