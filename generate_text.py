@@ -18,6 +18,7 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -98,14 +99,18 @@ def write_sample(
         sys.stdout.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Generate from the command line; returns the exit status."""
-    parser = build_parser(
+def command_line() -> argparse.ArgumentParser:
+    """The sampling settings of hyperparameters.py, and where the model comes from."""
+    return build_parser(
         __doc__, [(SampleConfig, None), (TrainConfig, ["out_dir", "device", "seed", "compile"])]
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate from the command line; returns the exit status."""
     try:
         (sample_config, train_config), given = parse_configs(
-            parser, [SampleConfig, TrainConfig], argv
+            command_line(), [SampleConfig, TrainConfig], argv
         )
         if sys.stdout is None:
             raise UserFacingError("the output is closed: nowhere to write the text")

@@ -21,6 +21,7 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+import argparse
 import contextlib
 import dataclasses
 
@@ -28,10 +29,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from data_handling import get_batch
-from hyperparameters import TrainConfig
+from hyperparameters import DataConfig, ModelConfig, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer, learning_rate_at, make_optimizer, model_to_keep, weight_average
 from support.checkpoint import TrainingState
+from support.command_line import build_parser
 from support.common import UserFacingError, print_error
 from support.devices import Distributed, autocast_context, wrap_model
 from support.fast_paths import for_training
@@ -209,11 +211,16 @@ def train(run: Run, session: TrainingSession) -> int:
             session.report_step(run, loss, grad_norm)  # the progress bar; stops if loss is nan
 
 
+def command_line() -> argparse.ArgumentParser:
+    """One option for every field of hyperparameters.py's model, data and training settings."""
+    return build_parser(__doc__, [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line; returns the exit status."""
     session = TrainingSession(PROG)
     try:
-        with session.open(argv, __doc__):  # settings, the run folder's lock, the device
+        with session.open(command_line(), argv):  # settings, the run folder's lock, the device
             return train(build_run(session), session)
     except UserFacingError as err:
         print_error(PROG, err)

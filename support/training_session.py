@@ -10,6 +10,7 @@ TensorBoard log and checkpoints.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -42,7 +43,7 @@ from support.checkpoint import (
     saved_settings,
     saved_tokenizer,
 )
-from support.command_line import build_parser, parse_configs
+from support.command_line import parse_configs
 from support.common import ForgivingStream, UserFacingError
 from support.devices import (
     Distributed,
@@ -137,12 +138,9 @@ def settings_for_resume(saved: RunSettings, given: dict[str, Any], out_dir: str)
 
 
 def read_settings(
-    argv: list[str] | None, description: str
+    parser: argparse.ArgumentParser, argv: list[str] | None
 ) -> tuple[RunSettings, dict[str, Any] | None]:
     """The run's settings from the command line, or from the checkpoint when resuming."""
-    parser = build_parser(
-        description, [(ModelConfig, None), (DataConfig, None), (TrainConfig, None)]
-    )
     (model_config, data_config, train_config), given = parse_configs(
         parser, [ModelConfig, DataConfig, TrainConfig], argv
     )
@@ -192,7 +190,9 @@ class TrainingSession:
         self.clock_start, self.elapsed_before = 0.0, 0.0
 
     @contextlib.contextmanager
-    def open(self, argv: list[str] | None, description: str) -> Iterator[RunSettings]:
+    def open(
+        self, parser: argparse.ArgumentParser, argv: list[str] | None
+    ) -> Iterator[RunSettings]:
         """Read the settings, hold the run folder and choose the device; yield the settings.
 
         Output that cannot be written (a closed terminal or pipe) is dropped rather than ending
@@ -203,7 +203,7 @@ class TrainingSession:
         try:
             if process_rank() > 0:
                 sys.stdout = ForgivingStream(open(os.devnull, "w"))  # noqa: SIM115 - for good
-            self.settings, self.checkpoint = read_settings(argv, description)
+            self.settings, self.checkpoint = read_settings(parser, argv)
             self.folder = RunFolder(Path(self.settings.train.out_dir))
             # One training process per folder: process 0 holds it (the others write nothing).
             new_run = self.checkpoint is None

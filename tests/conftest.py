@@ -72,6 +72,6 @@ def build_training(argv: list[str]):
     from support.training_session import TrainingSession
 
     session = TrainingSession("train_model.py")
-    with session.open(argv, "tests"):
+    with session.open(train_model.command_line(), argv):
         run = train_model.build_run(session)
     return run, session.state, session.description

@@ -412,7 +412,7 @@ def run_file(given: str, pick: Callable[[RunFolder], Path]) -> Path:
     return pick(RunFolder(path)) if path.is_dir() else path
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_line() -> argparse.ArgumentParser:
     """The command line: which measurements, and on what."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -525,7 +525,7 @@ def measure_generation(threads: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen measurements, print them, write the JSON file; returns the status."""
     try:
-        return measure(build_parser().parse_args(argv))
+        return measure(command_line().parse_args(argv))
     except (UserFacingError, OSError) as err:
         print_error("bench.py", err)
         return 2

@@ -49,8 +49,8 @@ def chosen_folders(paths: list[str]) -> list[RunFolder]:
     return folders
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the runs table and draw the curves; returns the exit status."""
+def command_line() -> argparse.ArgumentParser:
+    """Which runs, and where to draw their curves."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         default=str(RUNS_ROOT / "runs.png"),
         help="where to draw the curves (default: out/runs.png)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the runs table and draw the curves; returns the exit status."""
+    args = command_line().parse_args(argv)
     try:
         folders = chosen_folders(args.runs)
         print(runs_table(folders))

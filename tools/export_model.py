@@ -32,6 +32,7 @@ from pathlib import Path
 # modules sit one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import argparse
 import shutil
 import tempfile
 from pathlib import Path
@@ -76,8 +77,8 @@ def export(checkpoint_path: Path, folder: Path) -> str:
     return architecture
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Export from the command line; returns the exit status."""
+def command_line() -> argparse.ArgumentParser:
+    """Which checkpoint, and where its Hugging Face folder goes."""
     parser = build_parser(__doc__, [(SampleConfig, ["ckpt"]), (TrainConfig, ["out_dir"])])
     parser.add_argument(
         "--to", default="", help="folder to write; empty = hf/ inside the run's folder"
@@ -91,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="BOOL",
         help="replace what --to holds (default: False)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export from the command line; returns the exit status."""
     try:
         (sample_config, train_config), given = parse_configs(
-            parser, [SampleConfig, TrainConfig], argv
+            command_line(), [SampleConfig, TrainConfig], argv
         )
         checkpoint = checkpoint_to_sample(sample_config.ckpt, train_config.out_dir)
         folder = destination(given["to"], checkpoint, given["overwrite"])
