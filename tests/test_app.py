@@ -1,10 +1,8 @@
 """The web demo: the functions behind each tab, a real browser session, and a load test.
 
 The browser test drives Debian's Chromium (/usr/bin/chromium) through Playwright and saves
-screenshots of the three tabs under its temporary folder. To refresh the README's screenshots
-with a real model, run:
-    MINI_GPT_SCREENSHOT_CKPT=out/ckpt_best.pth MINI_GPT_SCREENSHOT_DIR=docs \
-        python -m pytest tests/test_app.py -k browser
+screenshots of the three tabs under its temporary folder (the README's pictures come from
+`python tools/make_pictures.py`, on a real run).
 Run alone: python -m pytest tests/test_app.py
 """
 
@@ -15,8 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,13 +29,14 @@ import train_model
 from conftest import PROJECT_ROOT, tiny_train_argv
 from support import app_backend
 from tokenization import CharTokenizer
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-quic",
-]  # fmt: skip
+from tools.make_pictures import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    VIEWPORT,
+    free_port,
+    serving,
+    wait_until_stable,
+)
 
 
 @pytest.fixture(scope="module")
@@ -188,42 +185,11 @@ def test_demo_builds_with_and_without_a_model(loaded):
 # ---------------------------------------------------------------------------- a real server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def server(checkpoint_path):
     """app.py running in a subprocess on a free loopback port; yields its URL."""
-    ckpt = os.environ.get("MINI_GPT_SCREENSHOT_CKPT", str(checkpoint_path))
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "app.py"), f"--ckpt={ckpt}", f"--port={port}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"app.py did not start:\n{process.stdout.read()}")
-        time.sleep(0.25)
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with serving(f"--ckpt={checkpoint_path}") as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -254,17 +220,6 @@ def test_app_without_a_checkpoint_explains_how_to_train(tmp_path):
     assert "python train_model.py" in output
 
 
-def wait_until_stable(textbox, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    previous = None
-    while time.monotonic() < deadline:
-        current = textbox.input_value()
-        if current == previous:
-            return
-        previous = current
-        time.sleep(1.0)
-
-
 @pytest.mark.slow
 def test_browser_generates_text_and_shows_attention(server, tmp_path):
     if not CHROMIUM.exists():
@@ -280,7 +235,7 @@ def test_browser_generates_text_and_shows_attention(server, tmp_path):
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport=VIEWPORT)
         page.goto(server)
         page.locator("#prompt textarea").fill("First Citizen:")
         page.locator("#generate").click()
@@ -309,11 +264,6 @@ def test_browser_generates_text_and_shows_attention(server, tmp_path):
         browser.close()
     for name in ("generate", "training", "attention"):
         assert (shots / f"{name}.png").stat().st_size > 10_000
-    if os.environ.get("MINI_GPT_SCREENSHOT_DIR"):
-        target = Path(os.environ["MINI_GPT_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        for shot in shots.iterdir():
-            shutil.copy(shot, target / f"app_{shot.name}")
 
 
 @pytest.mark.slow

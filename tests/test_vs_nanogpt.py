@@ -69,6 +69,11 @@ def test_both_projects_get_the_same_work(case):
     assert f"--max_iters={case.steps}" in ours
     assert "--optimizer=adamw" in ours
     assert "--position=learned" in ours
+    assert Path(ours[1]).is_file()  # this project's own train_model.py
+
+
+def test_our_sampling_runs_this_projects_generate_text():
+    assert Path(vs_nanogpt.our_sampling(Path("out"), 10)[1]).is_file()
 
 
 def test_nanogpt_in_passes_takes_the_same_batch_through_its_accumulation():

@@ -29,7 +29,7 @@ from typing import Any
 
 from support.common import UserFacingError
 
-PROJECT_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # tools/ sits in the project folder
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "sample.py")
 NANOGPT_DATASET = "shakespeare_char"
 
