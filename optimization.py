@@ -169,8 +169,8 @@ def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> Opt
     # learning_rate (and one schedule) serves both optimizers.
     orthogonalized = Muon(
         muon_matrices,
-        # bfloat16 where tensor cores run it fast; float32 on a CPU, where bfloat16 products
-        # are emulated, or ran at half float32's speed even with bfloat16 instructions.
+        # bfloat16 where tensor cores run it fast; float32 elsewhere, where bfloat16 products
+        # are emulated or no faster than float32's.
         orthogonalize_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         lr=config.learning_rate,
         weight_decay=config.weight_decay,

@@ -42,7 +42,7 @@ def script_and_options(command: str) -> tuple[str, list[str]] | None:
     """The script a command runs and its options; None for `python -m pytest` and the like."""
     words = shlex.split(command)
     scripts = [i for i, word in enumerate(words) if word.endswith(".py")]
-    if not scripts:
+    if not scripts or words[:2] == ["python", "-m"]:
         return None
     return words[scripts[0]], words[scripts[0] + 1 :]
 
@@ -60,6 +60,8 @@ def test_every_documented_command_parses(page, command, capsys):
     found = script_and_options(command)
     if found is None:
         assert command.startswith("python -m "), f"{page}: no script in {command!r}"
+        paths = [word for word in shlex.split(command) if word.endswith(".py")]
+        assert all((PROJECT_ROOT / path).is_file() for path in paths), f"{page}: {command!r}"
         return
     script, options = found
     assert (PROJECT_ROOT / script).is_file(), f"{page}: {script} does not exist"
