@@ -127,7 +127,8 @@ class TrainConfig:
     )
     max_iters: int = setting(4000, "optimizer steps in total; 1000..20000")
     learning_rate: float = setting(
-        5e-3, "peak step size; muon 2e-3..1e-2 (2e-2 for a few hundred steps), adamw 1e-3..3e-3"
+        5e-3,
+        "peak step size; muon 2e-3..1e-2 (2e-2..3e-2 for a few hundred steps), adamw 1e-3..3e-3",
     )
     min_lr_fraction: float = setting(0.1, "the cosine decay ends at this share of learning_rate")
     warmup_iters: int = setting(100, "steps of linear warmup from near 0 to learning_rate")

@@ -90,48 +90,6 @@ def apply_rotary(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Key/value cache. When text is generated one token at a time, each new token attends to the
-# keys and values of every earlier position; keeping them means each is computed only once.
-
-
-class LayerCache:
-    """Keys and values of one attention layer, preallocated: (B, nh, block_size, hs) each."""
-
-    def __init__(
-        self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        head_size = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-
-    def store(
-        self, k: torch.Tensor, v: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep k, v (B, nh, T, hs) of positions start..; return the whole buffers.
-
-        The buffers' slots after the new positions are empty (or left from an earlier window):
-        the causal mask hides them, as they lie in every new query's future. Returning buffers
-        of one fixed shape lets torch.compile build a single graph for every position.
-        """
-        end = start + k.size(2)
-        assert end <= self.keys.size(2), f"cache overflow: {end} > {self.keys.size(2)}"
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        return self.keys, self.values  # (B, nh, block_size, hs) each
-
-
-class KVCache:
-    """One LayerCache per block, and how many positions they hold."""
-
-    def __init__(
-        self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        self.layers = [LayerCache(config, batch_size, device, dtype) for _ in range(config.n_layer)]
-        self.length = 0  # positions 0..length-1 are stored
-
-
-# ----------------------------------------------------------------------------------------------
 # The transformer's layers
 
 
@@ -279,7 +237,7 @@ class GPT(nn.Module):
             nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
 
     def num_parameters(self) -> int:
-        """Number of parameters (the tied embedding counted once; int8 weights too)."""
+        """Number of parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
     def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -371,6 +329,48 @@ def sample_next(
     return int(torch.multinomial(probs, num_samples=1, generator=generator))
 
 
+# ----------------------------------------------------------------------------------------------
+# Key/value cache. When text is generated one token at a time, each new token attends to the
+# keys and values of every earlier position; keeping them means each is computed only once.
+
+
+class LayerCache:
+    """Keys and values of one attention layer, preallocated: (B, nh, block_size, hs) each."""
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        head_size = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep k, v (B, nh, T, hs) of positions start..; return the whole buffers.
+
+        The buffers' slots after the new positions are empty (or left from an earlier window):
+        the causal mask hides them, as they lie in every new query's future. Returning buffers
+        of one fixed shape lets torch.compile build a single graph for every position.
+        """
+        end = start + k.size(2)
+        assert end <= self.keys.size(2), f"cache overflow: {end} > {self.keys.size(2)}"
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys, self.values  # (B, nh, block_size, hs) each
+
+
+class KVCache:
+    """One LayerCache per block, and how many positions they hold."""
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.layers = [LayerCache(config, batch_size, device, dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions 0..length-1 are stored
+
+
 def context_start(length: int, first: int, block_size: int) -> int:
     """Where the model's context window begins once `length` tokens exist.
 
@@ -415,7 +415,7 @@ def generate(
         generator: the random source for sampling, for reproducible text.
         use_cache: reuse keys and values of earlier positions (same tokens, less compute).
         token_step: what runs the cached one-token steps, e.g. the model compiled for them
-            (devices.compile_token_step); the model itself if None.
+            (support/devices.py compiles one); the model itself if None.
     """
     assert len(prompt_ids) > 0, "generate needs at least one prompt token"
     block_size = model.config.block_size

@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from data_handling import get_batch
+from data_handling import get_batch, load_splits
 from hyperparameters import DataConfig, ModelConfig, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer, learning_rate_at, make_optimizer, model_to_keep, weight_average
@@ -94,8 +94,9 @@ def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tens
 
     Each micro-batch goes through the model in passes of run.sequences_per_pass sequences; the
     gradients of all passes add up to the gradient of the whole step's batch.
-    Returns the step's loss and the gradient norm before clipping (tensors: reading them
-    waits for the step, so the loop does that only every log_interval steps).
+    Returns the step's loss (under torchrun, this process's batches') and the gradient norm
+    before clipping, as tensors: reading them waits for the step, so the loop does that only
+    every log_interval steps.
     """
     config = run.config
     for group in run.optimizer.param_groups:
@@ -170,26 +171,36 @@ def build_run(session: TrainingSession) -> Run:
     """The data, the model and its optimizer: everything a training step works with."""
     settings, device = session.settings, session.device
     torch.manual_seed(settings.train.seed)  # the same initial weights in every process
-    corpus = session.load_corpus()  # tokenized (a resumed run keeps its tokenizer) and split
-    model = session.initial_model(corpus)  # random weights, GPT-2's, or the resumed run's
-    model = for_training(model)  # the same math, with a cheaper dropout on a CPU (fast_paths.py)
+    # The text, as token ids, split into training and validation (a resumed run keeps its own
+    # tokenizer, and must find the text it trained on).
+    tokenizer, trained_on = session.saved_tokenizer()
+    corpus = load_splits(settings.data, settings.model.block_size, tokenizer, trained_on)
+    print(corpus.summary())
+    model = GPT(session.model_config_for(corpus)).to(device)  # vocab_size from the tokenizer
+    session.load_weights(model)  # GPT-2's (--init_from) or the resumed run's; else random ones
+    print(f"model: {model.num_parameters():,} parameters")
+    # The same math, with a cheaper dropout on a CPU in the layers and in attention.
+    model = for_training(model)
+    train_config = session.settings.train
     run = Run(
         model=model,
         compiled=model,
-        optimizer=make_optimizer(model, settings.train, device),
+        optimizer=make_optimizer(model, train_config, device),
         # Loss scaling keeps float16's small gradients from rounding to zero; off otherwise.
         scaler=torch.amp.GradScaler(device.type, enabled=session.dtype == torch.float16),
         splits=corpus.tokens,
-        config=session.settings.train,
+        config=train_config,
         device=device,
         autocast=autocast_context(device, session.dtype),
         sequences_per_pass=session.sequences_per_pass,
         distributed=session.distributed,
-        average=weight_average(model, settings.train.weight_average),
+        average=weight_average(model, train_config.weight_average),
     )
-    session.start(run)  # a resumed run's weights, optimizer and random streams come back here
+    # Seeds the batches and dropout (a resumed run gets its saved weights' average, optimizer
+    # state and random streams back), then writes the run's config.json into its folder.
+    session.start(run)
     example = corpus.tokens["train"][: model.config.block_size].long().unsqueeze(0).to(device)
-    run.compiled = wrap_model(model, settings.train.compile, session.distributed, example)
+    run.compiled = wrap_model(model, train_config.compile, session.distributed, example)
     return run
 
 

@@ -251,7 +251,7 @@ def saved_model_config(checkpoint: dict[str, Any]) -> ModelConfig:
 
 def saved_settings(checkpoint: dict[str, Any]) -> RunSettings:
     """Every setting a checkpoint's run was made with, as this version of the project names them."""
-    data, train = checkpoint["data_config"], checkpoint.get("train_config", {})
+    data, train = checkpoint["data_config"], checkpoint["train_config"]
     if not isinstance(data, dict) or not isinstance(train, dict):
         raise UserFacingError("the saved run's settings are not valid (data_config, train_config)")
     try:
@@ -290,6 +290,16 @@ def model_from_checkpoint(
             f"checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model expects "
             f"{model_config.vocab_size}"
         )
+    require_memory(
+        model_memory(model_config), device, "the checkpoint's model", "use a smaller model"
+    )
+    model = GPT(model_config)
+    load_saved_weights(model, checkpoint)
+    return model.to(device).eval(), tokenizer
+
+
+def check_weights(checkpoint: dict[str, Any]) -> None:
+    """Refuse, in one line, weights that are not tensors or not finite (a diverged run's)."""
     weights = checkpoint["model"]
     if not is_state_dict(weights):
         raise UserFacingError("checkpoint's weights are not a dict of tensors")
@@ -299,18 +309,18 @@ def model_from_checkpoint(
             f"checkpoint's weights are not all finite numbers ({name}): the run had "
             "diverged; use an earlier checkpoint"
         )
-    require_memory(
-        model_memory(model_config), device, "the checkpoint's model", "use a smaller model"
-    )
-    model = GPT(model_config)
+
+
+def load_saved_weights(model: GPT, checkpoint: dict[str, Any]) -> None:
+    """Copy a checkpoint's weights into a model of its shape; a mismatch is one line."""
+    check_weights(checkpoint)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
         # PyTorch lists every mismatch on its own line after a heading; show the first one.
         details = str(err).strip().splitlines()
         first = details[1].strip() if len(details) > 1 else details[0]
         raise UserFacingError(f"checkpoint's weights do not fit its model ({first:.160})") from None
-    return model.to(device).eval(), tokenizer
 
 
 def restore_weights(checkpoint: dict[str, Any], model: GPT, average: AveragedModel | None) -> None:
@@ -347,7 +357,8 @@ def restore_training_state(
     does that, since the saved streams are process 0's.
     """
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"]:  # empty when the run did not scale its loss (not float16)
+        scaler.load_state_dict(checkpoint["scaler"])
     if restore_random_streams:
         batch_generator.set_state(checkpoint["rng"]["batches"])
         torch.set_rng_state(checkpoint["rng"]["torch"])

@@ -251,8 +251,8 @@ def to_int8(model: GPT) -> GPT:
 def for_inference(model: GPT, precision: str) -> GPT:
     """The model ready to generate in `precision`: "float32", "bfloat16" or "int8", in place.
 
-    The weights take that number type; in float32 the blocks' layers become AllCoresLinear.
-    The state dict keeps its keys, so what is loaded or exported is unaffected.
+    The weights take that number type; in float32 the blocks' layers become AllCoresLinear,
+    which keep the state dict's keys (int8 layers add their scales).
     """
     assert precision in PRECISIONS, f"unknown precision {precision!r}"
     if precision == "int8":

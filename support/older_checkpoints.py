@@ -2,8 +2,8 @@
 
 Format version 1 grew new settings over time. A checkpoint saved before a setting existed was
 made the way the values below say, whatever today's defaults are; `bring_up_to_date` fills
-them in as the file is loaded, so the rest of the project reads one form only. This is the one
-place that knows about older checkpoints.
+them in as the file is loaded, so the rest of the project reads one form of settings and
+progress.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def bring_up_to_date(checkpoint: dict[str, Any]) -> dict[str, Any]:
         floor, peak = train.pop("min_lr"), train.get("learning_rate")
         valid = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (floor, peak))
         train["min_lr_fraction"] = floor / peak if valid and peak else None
+    checkpoint.setdefault("train_config", {})  # the first checkpoints saved no training settings
     for key, value in PROGRESS_BEFORE_IT_WAS_SAVED.items():
         checkpoint.setdefault(key, value)
     return checkpoint

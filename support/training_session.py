@@ -25,7 +25,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from data_handling import CorpusSplits, load_splits
+from data_handling import CorpusSplits
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer, learning_rate_at
@@ -34,8 +34,8 @@ from support.checkpoint import (
     TrainingState,
     check_resumable,
     load_checkpoint,
+    load_saved_weights,
     make_checkpoint,
-    model_from_checkpoint,
     restore_training_state,
     restore_weights,
     save_checkpoint,
@@ -59,7 +59,7 @@ from support.devices import (
     training_memory,
     wait_for_all,
 )
-from support.hugging_face import load_gpt2_weights, pretrained_gpt2, read_weights
+from support.hugging_face import PretrainedGPT2, load_gpt2_weights, pretrained_gpt2, read_weights
 from support.run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
 from support.training_log import (
     Progress,
@@ -72,6 +72,7 @@ from support.training_log import (
     read_history,
     write_history,
 )
+from tokenization import Tokenizer
 
 
 class TrainingDiverged(Exception):
@@ -169,9 +170,10 @@ def read_settings(
 class TrainingSession:
     """One training process's run: its settings, folder, device, progress and outputs.
 
-    Use: `open` (a context: settings, folder lock, device), then `load_corpus`,
-    `initial_model` and `start`; in the loop `evaluation_due` / `record_evaluation`,
-    `stop_requested`, `report_step`; at the end `finish` or `save_and_stop`.
+    Use: `open` (a context: settings, folder lock, device); `saved_tokenizer`,
+    `model_config_for`, `load_weights` and `start` as the run is built; `running` (a context)
+    around the loop, and in it `evaluation_due` / `record_evaluation`, `stop_requested`,
+    `report_step`; at the end `finish` or `save_and_stop`.
     """
 
     def __init__(self, prog: str) -> None:
@@ -183,6 +185,7 @@ class TrainingSession:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.sequences_per_pass = 0  # sequences in one forward and backward pass
+        self.pretrained: PretrainedGPT2 | None = None  # with --init_from
         self.description: RunDescription
         self.state: TrainingState
         self.progress: Progress | None = None
@@ -217,45 +220,39 @@ class TrainingSession:
 
     # --- Before the loop ---------------------------------------------------------------------
 
-    def load_corpus(self) -> CorpusSplits:
-        """The corpus, tokenized (by a resumed run's own tokenizer) and split; say its facts."""
-        settings, checkpoint = self.settings, self.checkpoint
-        if checkpoint is None:
-            corpus = load_splits(settings.data, settings.model.block_size)
-        else:
-            tokenizer, trained_on = saved_tokenizer(checkpoint), saved_corpus_sha256(checkpoint)
-            corpus = load_splits(settings.data, settings.model.block_size, tokenizer, trained_on)
-        print(corpus.summary())
-        return corpus
+    def saved_tokenizer(self) -> tuple[Tokenizer | None, str]:
+        """A resumed run's tokenizer and the sha256 of its text; (None, "") for a new run."""
+        if self.checkpoint is None:
+            return None, ""
+        return saved_tokenizer(self.checkpoint), saved_corpus_sha256(self.checkpoint)
 
-    def initial_model(self, corpus: CorpusSplits) -> GPT:
-        """A new model, GPT-2's (--init_from) or the resumed run's, on the device, in training mode.
+    def model_config_for(self, corpus: CorpusSplits) -> ModelConfig:
+        """The model's settings for this corpus, checked against the device's memory.
 
-        Fixes the model's settings (the vocabulary's size, a pretrained model's shape) and
-        refuses, in one line, a model and batch that the device cannot hold.
+        The vocabulary's size comes from the tokenizer; with --init_from, the shape is GPT-2's.
         """
-        settings, checkpoint, tokenizer = self.settings, self.checkpoint, corpus.tokenizer
-        pretrained = None
-        if checkpoint is None and settings.train.init_from:
-            pretrained = pretrained_gpt2(settings.train.init_from, settings.model, tokenizer)
-        model_config = pretrained.config if pretrained is not None else settings.model
-        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+        settings = self.settings
+        if self.checkpoint is None and settings.train.init_from:
+            self.pretrained = pretrained_gpt2(
+                settings.train.init_from, settings.model, corpus.tokenizer
+            )
+        model_config = self.pretrained.config if self.pretrained is not None else settings.model
+        model_config = dataclasses.replace(model_config, vocab_size=corpus.tokenizer.vocab_size)
         self.settings = settings = dataclasses.replace(settings, model=model_config)
         self.description = RunDescription(
-            settings, tokenizer, corpus.tokens_per_char(), corpus.sha256
+            settings, corpus.tokenizer, corpus.tokens_per_char(), corpus.sha256
         )
         self._check_memory()
-        if checkpoint is not None:
-            model = model_from_checkpoint(checkpoint, self.device)[0].train()
-        elif pretrained is not None:
-            model = GPT(model_config)
-            load_gpt2_weights(model, read_weights(pretrained.weights), tokenizer)
-            model = model.to(self.device)
-            print(f"model: GPT-2's weights from {pretrained.weights}")
-        else:
-            model = GPT(model_config).to(self.device)
-        print(f"model: {model.num_parameters():,} parameters")
-        return model
+        return model_config
+
+    def load_weights(self, model: GPT) -> None:
+        """GPT-2's weights (--init_from) or the resumed run's; a new run keeps its random ones."""
+        if self.checkpoint is not None:
+            load_saved_weights(model, self.checkpoint)
+        elif self.pretrained is not None:
+            weights = read_weights(self.pretrained.weights)
+            load_gpt2_weights(model, weights, self.description.tokenizer)
+            print(f"model: GPT-2's weights from {self.pretrained.weights}")
 
     def _check_memory(self) -> None:
         """Choose the pass size, and refuse a run the device cannot hold."""

@@ -27,7 +27,6 @@ import app
 import generate_text
 import train_model
 from conftest import PROJECT_ROOT, SMALL_TEXT, tiny_train_argv
-from support import training_session
 from support.checkpoint import load_checkpoint, save_checkpoint
 from support.devices import StopRequest
 
@@ -215,7 +214,7 @@ def test_interrupted_before_the_first_checkpoint_says_so(
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training_session, "load_splits", interrupted)
+    monkeypatch.setattr(train_model, "load_splits", interrupted)
     status = train_model.main(tiny_train_argv(tmp_path / "out", tiny_corpus))
     assert status == 130
     assert "nothing had been saved yet" in capsys.readouterr().err

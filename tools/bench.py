@@ -1,13 +1,13 @@
 """Measure how fast this machine trains and generates, and how much memory that takes.
 
-    python bench.py                              # every measurement; figures also in bench.json
-    python bench.py --only roof train            # some of them
-    python bench.py --metrics                    # also: time-to-quality of the latest run
-    python bench.py --only --full_val            # the latest run's loss on all validation text
-    python bench.py --only --full_val out/run-20261123-101500/ckpt_last.pth   # another model
-    python bench.py --threads 4 --json bench_4threads.json
-    python bench.py --only train --shapes defaults --compile     # torch.compile's effect
-    python bench.py --only --vs-nanogpt ../nanoGPT  # beside a nanoGPT checkout, same work
+    python tools/bench.py                          # every measurement; figures also in bench.json
+    python tools/bench.py --only roof train        # some of them
+    python tools/bench.py --metrics                # also: time-to-quality of the latest run
+    python tools/bench.py --only --full_val        # the latest run's loss on all validation text
+    python tools/bench.py --only --full_val out/run-20261123-101500/ckpt_last.pth   # another model
+    python tools/bench.py --threads 4 --json bench_4threads.json
+    python tools/bench.py --only train --shapes defaults --compile     # torch.compile's effect
+    python tools/bench.py --only --vs-nanogpt ../nanoGPT  # beside a nanoGPT checkout, same work
 
 Measurements (each training and generation case runs in a fresh process, so its peak memory
 is its own):

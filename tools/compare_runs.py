@@ -1,8 +1,8 @@
 """Training runs side by side: what differs between them, how they did, and their curves.
 
-    python compare_runs.py                          # every run under out/
-    python compare_runs.py out/run-a out/run-b      # these runs
-    python compare_runs.py --png runs.png           # where to draw the curves
+    python tools/compare_runs.py                          # every run under out/
+    python tools/compare_runs.py out/run-a out/run-b      # these runs
+    python tools/compare_runs.py --png runs.png           # where to draw the curves
 
 Prints one row per run: the settings in which the runs differ, the steps done, the training
 time, the best validation loss in nats per character, and how far into training the run

@@ -1,8 +1,8 @@
 """Write a trained model as a Hugging Face folder, for transformers and the tools around it.
 
-    python export_model.py                              # the latest run -> <run folder>/hf
-    python export_model.py --out_dir out/run-20261123-101500 --to shakespeare_gpt
-    python export_model.py --ckpt my_model.pth --to my_model --overwrite
+    python tools/export_model.py                              # the latest run -> <run folder>/hf
+    python tools/export_model.py --out_dir out/run-20261123-101500 --to shakespeare_gpt
+    python tools/export_model.py --ckpt my_model.pth --to my_model --overwrite
 
 The folder holds config.json and model.safetensors, which transformers loads as
 GPT2LMHeadModel (a model with learned positions) or GPTNeoXForCausalLM (rotary positions):
