@@ -417,6 +417,15 @@ def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_measurement_options(parser)
+    add_comparison_options(parser)
+    parser.add_argument("--json", default="bench.json", help="where to write the figures")
+    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)  # one measuring process
+    return parser
+
+
+def add_measurement_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose what this machine's measurements are, and of what."""
     parser.add_argument(
         "--only",
         nargs="*",
@@ -464,10 +473,6 @@ def command_line() -> argparse.ArgumentParser:
         default=list(TRAIN_SHAPES),
         help="training shapes to time (default: all)",
     )
-    add_comparison_options(parser)
-    parser.add_argument("--json", default="bench.json", help="where to write the figures")
-    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)  # one measuring process
-    return parser
 
 
 def add_comparison_options(parser: argparse.ArgumentParser) -> None:
