@@ -230,8 +230,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         raise_if_any(field_problems(self))  # a wrong type would break the range checks below
         problems = []
-        if self.num_samples < 1:
-            problems.append(f"num_samples must be >= 1, got {self.num_samples}")
+        if not 1 <= self.num_samples <= 10:
+            problems.append(f"num_samples must be in 1..10, got {self.num_samples}")
         if not 1 <= self.max_new_tokens <= 100_000:
             problems.append(f"max_new_tokens must be in 1..100000, got {self.max_new_tokens}")
         if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= 100:

@@ -105,6 +105,23 @@ def _umask() -> int:
     return mask
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
+
+def check_figure_destination(path: Path) -> None:
+    """Refuse, in one line, to draw a figure anywhere but a .png name that is new or a figure."""
+    if path.suffix.lower() != ".png":
+        raise UserFacingError(f"{path}: a figure's file name ends in .png")
+    if not path.exists():
+        return
+    head = b""
+    if path.is_file():
+        with contextlib.suppress(OSError), path.open("rb") as file:
+            head = file.read(len(PNG_SIGNATURE))
+    if head != PNG_SIGNATURE:
+        raise UserFacingError(f"{path} exists and is not a PNG picture; give another file name")
+
+
 def figure_png(fig: Any, dpi: int = 100) -> bytes:
     """Render a matplotlib figure as PNG bytes and free the figure."""
     import matplotlib.pyplot as plt  # imported on first use: slow, and only drawing needs it

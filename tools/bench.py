@@ -66,7 +66,7 @@ from hyperparameters import BPE_PRESET, FINE_TUNING_PRESET, ModelConfig, TrainCo
 from model_architecture import GPT, generate
 from optimization import make_optimizer
 from support.checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
-from support.common import UserFacingError, print_error
+from support.common import UserFacingError, print_error, write_atomically
 from support.devices import compile_token_step, keep_freed_memory, sequences_per_pass
 from support.fast_paths import PRECISIONS, Int8Linear, for_inference, for_training
 from support.run_folder import RunFolder, latest_run
@@ -542,6 +542,7 @@ def measure(args: argparse.Namespace) -> int:
     if args.case:
         print(json.dumps(case_main(args.case)))
         return 0
+    earlier = earlier_figures(Path(args.json))  # checked before any work
     results: dict[str, Any] = {"threads": args.threads, "torch": str(torch.__version__)}
     if "roof" in args.only:
         results["roof"] = run_case(["roof"], args.threads)
@@ -562,9 +563,26 @@ def measure(args: argparse.Namespace) -> int:
             Path(args.vs_nanogpt), Path(args.corpus), args.pairs
         )
     print_report(results)
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    # The figures measured now replace their earlier ones; the others stay.
+    write_atomically(Path(args.json), json.dumps({**earlier, **results}, indent=2).encode())
     print(f"figures written to {args.json}")
     return 0
+
+
+def earlier_figures(path: Path) -> dict[str, Any]:
+    """What an earlier run of this script wrote to path ({} if nothing is there yet).
+
+    Anything else there is refused, in one line: the figures go only where figures were.
+    """
+    if not path.exists():
+        return {}
+    try:
+        figures = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        figures = None
+    if not isinstance(figures, dict) or not {"threads", "torch"} <= figures.keys():
+        raise UserFacingError(f"{path} holds no figures of bench.py; give --json another file")
+    return figures
 
 
 if __name__ == "__main__":

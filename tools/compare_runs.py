@@ -29,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 from pathlib import Path
 
-from support.common import UserFacingError, figure_png, print_error, write_atomically
+from support.common import (
+    UserFacingError,
+    check_figure_destination,
+    figure_png,
+    print_error,
+    write_atomically,
+)
 from support.run_folder import RUNS_ROOT, RunFolder, runs_under
 from support.training_log import read_history, runs_figure, runs_table
 
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the runs table and draw the curves; returns the exit status."""
     args = command_line().parse_args(argv)
     try:
+        check_figure_destination(Path(args.png))  # before any work: nothing else is replaced
         folders = chosen_folders(args.runs)
         print(runs_table(folders))
         figure = runs_figure({f.path.name: read_history(f.metrics) for f in folders})

@@ -43,20 +43,59 @@ from hyperparameters import SampleConfig, TrainConfig
 from support.checkpoint import load_checkpoint, model_from_checkpoint
 from support.command_line import build_parser, parse_bool, parse_configs
 from support.common import UserFacingError, print_error
-from support.hugging_face import write_hf_folder
+from support.hugging_face import (
+    CONFIG_FILE,
+    FITTED_IDS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    write_hf_folder,
+)
 from support.run_folder import RunFolder, checkpoint_to_sample
 
 PROG = "export_model.py"
 EXPORT_FOLDER = "hf"  # inside the run's folder, unless --to says otherwise
 
 
+# What an export writes, and the mark that tells a folder it wrote from any other.
+EXPORT_MARK = ".mini-gpt-export"
+EXPORT_FILES = frozenset(
+    {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, FITTED_IDS_FILE, EXPORT_MARK}
+)
+
+
+def is_earlier_export(folder: Path) -> bool:
+    """Whether folder holds an export of this script and nothing else."""
+    entries = list(folder.iterdir())
+    return (folder / EXPORT_MARK).is_file() and all(
+        entry.name in EXPORT_FILES and entry.is_file() for entry in entries
+    )
+
+
 def destination(given: str, checkpoint: Path, overwrite: bool) -> Path:
-    """--to, or the checkpoint's run folder's hf/; refused if it holds files and not overwrite."""
+    """--to, or the checkpoint's run folder's hf/, if the export may write there.
+
+    An export replaces only an earlier export (with --overwrite): never a run folder, a folder
+    that holds the checkpoint or the current folder, nor one holding files it did not write.
+    """
     folder = Path(given) if given else RunFolder.of_checkpoint(checkpoint).path / EXPORT_FOLDER
     if folder.exists() and not folder.is_dir():
         raise UserFacingError(f"{folder} is a file; give --to a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise UserFacingError(f"{folder} is not empty; give another --to, or --overwrite")
+    resolved = folder.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise UserFacingError(f"{folder} is the current folder or holds it; give --to a new folder")
+    if resolved in checkpoint.resolve().parents or RunFolder(folder).holds_a_run():
+        raise UserFacingError(f"{folder} holds a training run; give --to a new folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return folder
+    if not is_earlier_export(folder):
+        raise UserFacingError(
+            f"{folder} holds files export_model.py did not write; give --to a new folder"
+        )
+    if not overwrite:
+        raise UserFacingError(
+            f"{folder} holds an earlier export; --overwrite replaces it, or give another --to"
+        )
     return folder
 
 
@@ -69,7 +108,8 @@ def export(checkpoint_path: Path, folder: Path) -> str:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         architecture = write_hf_folder(model, tokenizer, staging)
-        if folder.exists():
+        (staging / EXPORT_MARK).touch()
+        if folder.exists():  # empty, or an earlier export: destination() checked
             shutil.rmtree(folder)
         staging.rename(folder)
     finally:
@@ -90,7 +130,7 @@ def command_line() -> argparse.ArgumentParser:
         const=True,
         default=False,
         metavar="BOOL",
-        help="replace what --to holds (default: False)",
+        help="replace an earlier export in --to (default: False)",
     )
     return parser
 

@@ -34,7 +34,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from support.common import UserFacingError, print_error
+from support.common import UserFacingError, check_figure_destination, print_error
 from support.run_folder import chosen_run
 
 PROG = "make_pictures.py"
@@ -47,6 +47,7 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]  # fmt: skip
 VIEWPORT = {"width": 1280, "height": 900}
+PICTURES = ("loss.png", "app_generate.png", "app_training.png", "app_attention.png")
 
 
 def free_port() -> int:
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserFacingError(f"{run.path} holds no loss.png; train with train_model.py")
         if not CHROMIUM.is_file():
             raise UserFacingError(f"needs Debian's chromium at {CHROMIUM} (apt-get install it)")
+        for name in PICTURES:  # a picture replaces only a picture
+            check_figure_destination(folder / name)
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run.loss_plot, folder / "loss.png")
         with serving(f"--out_dir={run.path}") as url:

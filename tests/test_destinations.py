@@ -1,0 +1,101 @@
+"""Commands replace only what they made: export folders, figures, the benchmark's figures file.
+
+Each refusal is one line with exit status 2, and every file that was there keeps its bytes.
+Run alone: python -m pytest tests/test_destinations.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import train_model
+from conftest import tiny_train_argv
+from tools import bench, compare_runs, export_model
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_corpus, monkeypatch):
+    """A folder holding a corpus, a note of the user's and a finished 2-step run under out/."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    assert (
+        train_model.main(tiny_train_argv(tmp_path / "out" / "run", tiny_corpus, max_iters=2)) == 0
+    )
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def refused(status: int, capsys, words: str) -> None:
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("to", "words"),
+    [
+        (".", "is the current folder or holds it"),
+        ("..", "is the current folder or holds it"),
+        ("out", "holds a training run"),
+        ("out/run", "holds a training run"),
+    ],
+)
+def test_an_export_never_replaces_the_current_folder_or_a_run(workdir, capsys, to, words):
+    before = snapshot(workdir)
+    status = export_model.main(["--out_dir=out/run", f"--to={to}", "--overwrite"])
+    refused(status, capsys, words)
+    assert snapshot(workdir) == before
+
+
+def test_an_export_replaces_an_earlier_export_only_when_asked(workdir, capsys):
+    assert export_model.main(["--out_dir=out/run", "--to=exported"]) == 0
+    assert (workdir / "exported" / export_model.EXPORT_MARK).is_file()
+    capsys.readouterr()
+    refused(export_model.main(["--out_dir=out/run", "--to=exported"]), capsys, "--overwrite")
+    assert export_model.main(["--out_dir=out/run", "--to=exported", "--overwrite"]) == 0
+
+
+def test_an_export_refuses_a_folder_holding_other_files(workdir, capsys):
+    assert export_model.main(["--out_dir=out/run", "--to=exported"]) == 0
+    (workdir / "exported" / "README.md").write_text("a model card of mine", encoding="utf-8")
+    other = workdir / "someone_elses"
+    other.mkdir()
+    (other / "config.json").write_text("{}", encoding="utf-8")  # the right name, not our export
+    before = snapshot(workdir)
+    for to in ("exported", "someone_elses"):
+        status = export_model.main(["--out_dir=out/run", f"--to={to}", "--overwrite"])
+        refused(status, capsys, "holds files export_model.py did not write")
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize(("name", "words"), [("notes.txt", "ends in .png"), ("x.png", "not a PNG")])
+def test_a_figure_replaces_only_a_figure(workdir, capsys, name, words):
+    (workdir / "x.png").write_text("not a picture", encoding="utf-8")
+    before = snapshot(workdir)
+    refused(compare_runs.main(["out/run", f"--png={name}"]), capsys, words)
+    assert snapshot(workdir) == before
+    assert compare_runs.main(["out/run", "--png=curves.png"]) == 0  # new: drawn
+    assert compare_runs.main(["out/run", "--png=curves.png"]) == 0  # a figure: redrawn
+
+
+def test_the_benchmark_adds_its_figures_to_earlier_ones(workdir):
+    figures = workdir / "bench.json"
+    figures.write_text(json.dumps({"threads": 2, "torch": "x", "roof": {"gflops": 1.0}}))
+    assert bench.main(["--only", "--metrics", "out/run", f"--json={figures}"]) == 0
+    merged = json.loads(figures.read_text())
+    assert merged["roof"] == {"gflops": 1.0}  # an earlier measurement stays
+    assert "quality" in merged
+
+
+def test_the_benchmark_refuses_a_file_it_did_not_write(workdir, capsys):
+    before = snapshot(workdir)
+    status = bench.main(["--only", "--metrics", "out/run", "--json=notes.txt"])
+    refused(status, capsys, "holds no figures of bench.py")
+    assert snapshot(workdir) == before
