@@ -8,6 +8,7 @@ Run alone: python -m pytest tests/test_training_log.py
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -155,6 +156,22 @@ def test_compare_runs_prints_the_table_and_draws_every_curve(tmp_path, tiny_corp
     figure = runs_figure({f.path.name: read_history(f.metrics) for f in runs})
     for ax in figure.axes:  # by step and by time: one line per run in each
         assert [line.get_label() for line in ax.get_lines()] == ["fast", "slow"]
+
+
+def test_compare_runs_skips_a_run_without_evaluations_and_shows_the_others(
+    tmp_path, tiny_corpus, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert train_model.main(tiny_train_argv(tmp_path / "out" / "good", tiny_corpus)) == 0
+    (tmp_path / "out" / "broken").mkdir()
+    (tmp_path / "out" / "broken" / "metrics.jsonl").write_text("", encoding="utf-8")
+    capsys.readouterr()
+    assert compare_runs.main([]) == 0
+    out, err = capsys.readouterr()
+    assert "good" in out
+    assert err.strip().splitlines() == [
+        f"compare_runs.py: skipped {Path('out/broken')}: no evaluations in its log"
+    ]
 
 
 def test_compare_runs_without_runs_is_a_one_line_error(tmp_path, capsys):

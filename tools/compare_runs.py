@@ -43,15 +43,24 @@ PROG = "compare_runs.py"
 
 
 def chosen_folders(paths: list[str]) -> list[RunFolder]:
-    """The run folders named, or every run under out/; each must hold a training log."""
-    folders = [RunFolder(Path(path)) for path in paths] or runs_under(RUNS_ROOT)
+    """The run folders named, each with a training log; or every run under out/ that has one.
+
+    A run found under out/ whose log holds no evaluation (a run killed at once, a damaged
+    file) is skipped with a warning, so that one such run does not hide all the others.
+    """
+    named = [RunFolder(Path(path)) for path in paths]
+    folders = []
+    for folder in named or runs_under(RUNS_ROOT):
+        if read_history(folder.metrics):
+            folders.append(folder)
+        elif named:
+            raise UserFacingError(f"{folder.path} holds no training log ({folder.metrics.name})")
+        else:
+            print(f"{PROG}: skipped {folder.path}: no evaluations in its log", file=sys.stderr)
     if not folders:
         raise UserFacingError(
             f"no runs found under {RUNS_ROOT}/; train one with `python train_model.py`"
         )
-    for folder in folders:
-        if not read_history(folder.metrics):
-            raise UserFacingError(f"{folder.path} holds no training log ({folder.metrics.name})")
     return folders
 
 
