@@ -128,12 +128,11 @@ def model_config_from_gpt2(hf: dict[str, Any], base: ModelConfig, source: str) -
             f"--init_from {source}: a {hf.get('model_type', 'unknown')!r} model; only GPT-2 "
             "models (model_type 'gpt2') can be loaded"
         )
-    try:
-        n_embd, n_positions = int(hf["n_embd"]), int(hf["n_positions"])
-        shape = {"n_layer": int(hf["n_layer"]), "n_head": int(hf["n_head"]), "n_embd": n_embd}
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserFacingError(f"--init_from {source}: config.json lacks {err}") from None
-    activation = ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
+    n_embd, n_positions = (_whole_number(hf, name, source) for name in ("n_embd", "n_positions"))
+    shape = {name: _whole_number(hf, name, source) for name in ("n_layer", "n_head")}
+    shape["n_embd"] = n_embd
+    named = hf.get("activation_function", "gelu_new")
+    activation = ACTIVATIONS.get(named) if isinstance(named, str) else None
     problems = []
     if activation is None:
         problems.append(f"activation {hf.get('activation_function')!r} is not GELU")
@@ -154,6 +153,19 @@ def model_config_from_gpt2(hf: dict[str, Any], base: ModelConfig, source: str) -
         )
     except ValueError as err:
         raise UserFacingError(f"--init_from {source}: {err}") from None
+
+
+def _whole_number(hf: dict[str, Any], name: str, source: str) -> int:
+    """A shape entry of a Hugging Face config.json: present, a JSON integer, at least 1."""
+    if name not in hf:
+        raise UserFacingError(f"--init_from {source}: config.json lacks {name!r}")
+    value = hf[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserFacingError(
+            f"--init_from {source}: config.json's {name} must be a whole number >= 1, "
+            f"got {value!r:.40}"
+        )
+    return value
 
 
 def _gpt2_names(n_layer: int) -> Iterator[tuple[str, str, bool]]:

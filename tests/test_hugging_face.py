@@ -5,6 +5,7 @@ written in the Hugging Face layout by transformers."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,23 @@ def test_bad_pretrained_models_are_one_line_errors(
         source = write_gpt2_folder(tmp_path / "m", {**config, "layer_norm_epsilon": "x"}, {})
     with pytest.raises(UserFacingError, match=needle) as caught:
         our_gpt2(source, tokenizer, block_size)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"activation_function": ["gelu"]}, "is not GELU"),
+        ({"n_embd": 1e999}, "n_embd must be a whole number >= 1, got inf"),
+        ({"n_layer": "12"}, "n_layer must be a whole number >= 1"),
+        ({"n_head": 0}, "n_head must be a whole number >= 1, got 0"),
+        ({"n_positions": None}, "n_positions must be a whole number >= 1, got None"),
+    ],
+)
+def test_a_config_with_values_of_the_wrong_kind_is_one_line(change, words):
+    config = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+    with pytest.raises(UserFacingError, match=re.escape(words)) as caught:
+        model_config_from_gpt2({**config, **change}, ModelConfig(block_size=64), "x")
     assert "\n" not in str(caught.value)
 
 
