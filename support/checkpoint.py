@@ -363,7 +363,8 @@ def restore_training_state(
         batch_generator.set_state(checkpoint["rng"]["batches"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+            # One state per GPU the run saw; a machine with fewer GPUs takes its first ones.
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"][: torch.cuda.device_count()])
     return TrainingState(
         batch_generator=batch_generator,
         step=checkpoint["step"],
