@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ except ImportError:  # Windows
     fcntl = None
 
 RUNS_ROOT = Path("out")  # where runs go when no --out_dir is given
+MAX_NAME_BYTES = 255  # the longest file name most file systems take
 LATEST = "latest.txt"  # in RUNS_ROOT: the name of the run started or resumed last there
 
 
@@ -185,6 +187,17 @@ def mark_latest(folder: RunFolder, root: Path = RUNS_ROOT) -> None:
         write_atomically(root / LATEST, (folder.path.name + "\n").encode("utf-8"))
 
 
+def is_run_name(name: str) -> bool:
+    """Whether name can be a run folder's name inside a folder: one path part, not . or .."""
+    return (
+        bool(name)
+        and len(name.encode("utf-8", errors="replace")) <= MAX_NAME_BYTES
+        and Path(name).name == name
+        and name not in (".", "..")
+        and "\0" not in name
+    )
+
+
 def latest_run(root: Path = RUNS_ROOT) -> RunFolder:
     """The run started or resumed last under root.
 
@@ -194,8 +207,10 @@ def latest_run(root: Path = RUNS_ROOT) -> RunFolder:
     pointer = root / LATEST
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-        if name and Path(name).name == name and (root / name).is_dir():  # never out of root
+        if is_run_name(name) and (root / name).is_dir():
             return RunFolder(root / name)
+        if name and not is_run_name(name):  # written by hand, or damaged: never out of root
+            print(f"warning: ignored {pointer}: it names no folder inside {root}", file=sys.stderr)
     runs = [run for run in runs_under(root) if run.path != root]
     return runs[-1] if runs else RunFolder(root)
 

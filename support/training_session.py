@@ -145,6 +145,10 @@ def read_settings(
     (model_config, data_config, train_config), given = parse_configs(
         parser, [ModelConfig, DataConfig, TrainConfig], argv
     )
+    if train_config.resume and train_config.overwrite:
+        raise UserFacingError(
+            "--resume continues a run and --overwrite replaces it with a new one; give one"
+        )
     if not train_config.resume:
         # Under torchrun, process 0 creates the folder; the others write nothing there.
         claim = process_rank() == 0

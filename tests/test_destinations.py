@@ -99,3 +99,10 @@ def test_the_benchmark_refuses_a_file_it_did_not_write(workdir, capsys):
     status = bench.main(["--only", "--metrics", "out/run", "--json=notes.txt"])
     refused(status, capsys, "holds no figures of bench.py")
     assert snapshot(workdir) == before
+
+
+def test_resume_and_overwrite_together_are_refused(workdir, tiny_corpus, capsys):
+    before = snapshot(workdir)
+    argv = tiny_train_argv(workdir / "out" / "run", tiny_corpus, max_iters=4)
+    refused(train_model.main([*argv, "--resume", "--overwrite"]), capsys, "give one")
+    assert snapshot(workdir) == before

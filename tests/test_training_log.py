@@ -128,6 +128,15 @@ def test_latest_falls_back_to_the_newest_run_when_its_folder_is_gone(tmp_path, t
     assert latest_run(tmp_path) == RunFolder(tmp_path / "run-20260102-000000")
 
 
+@pytest.mark.parametrize("name", ["..", ".", "x" * 300, "../elsewhere", "/tmp", "a\0b"])
+def test_a_latest_txt_naming_no_folder_inside_is_ignored_with_a_warning(tmp_path, capsys, name):
+    (tmp_path / "run-20260101-000000").mkdir()
+    (tmp_path / "run-20260101-000000" / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / LATEST).write_text(name + "\n")
+    assert latest_run(tmp_path) == RunFolder(tmp_path / "run-20260101-000000")
+    assert capsys.readouterr().err.startswith(f"warning: ignored {tmp_path / LATEST}")
+
+
 def two_runs(tmp_path, tiny_corpus):
     for name, rate in (("fast", 1e-2), ("slow", 1e-3)):
         argv = tiny_train_argv(tmp_path / "runs" / name, tiny_corpus, learning_rate=rate)
