@@ -66,7 +66,7 @@ def test_float16_is_refused_off_cuda_in_one_line(device):
         resolve_dtype("float16", torch.device(device))
 
 
-def optimizers_for(device: str, tiny_model_config) -> tuple[torch.optim.AdamW, Muon]:
+def optimizers_for(device: torch.device, tiny_model_config) -> tuple[torch.optim.AdamW, Muon]:
     optimizer = make_optimizer(GPT(tiny_model_config), TrainConfig(optimizer="muon"), device)
     assert isinstance(optimizer, CombinedOptimizer)
     muon, adamw = optimizer.optimizers
