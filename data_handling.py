@@ -2,8 +2,8 @@
 
 1. Find the corpus: `--data PATH`, else `input.txt` in the current folder, else download
    Tiny Shakespeare (checked by sha256).
-2. Tokenize it with one of tokenization.py's tokenizers: one token per character, or GPT-2's
-   byte-pair encoding.
+2. Tokenize it with one of tokenization.py's tokenizers: one token per character, GPT-2's
+   byte-pair encoding, or a byte-pair vocabulary learned from the training text.
 3. Cache the token ids on disk, so the next run skips encoding.
 4. Split the ids into train (the start) and validation (the end), and draw random windows
    as batches with `get_batch`.
@@ -32,6 +32,7 @@ from tokenization import (
     BPETokenizer,
     FittedBPETokenizer,
     Tokenizer,
+    TrainedBPETokenizer,
     build_tokenizer,
 )
 
@@ -196,14 +197,21 @@ def split_tokens(
     """First (1 - val_fraction) of the ids for training, the rest for validation (uint16)."""
     n_val = int(len(tokens) * val_fraction)
     n_train = len(tokens) - n_val
-    for name, size in (("training", n_train), ("validation", n_val)):
-        if size < block_size + 1:
+    ids = torch.from_numpy(tokens)  # 2 bytes a token; get_batch widens each batch to int64
+    return check_split_sizes(ids[:n_train], ids[n_train:], block_size)
+
+
+def check_split_sizes(
+    train: torch.Tensor, val: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The splits, if each holds at least one window of block_size + 1 tokens."""
+    for name, split in (("training", train), ("validation", val)):
+        if len(split) < block_size + 1:
             raise UserFacingError(
-                f"the {name} split has {size} tokens, fewer than block_size + 1 = "
+                f"the {name} split has {len(split)} tokens, fewer than block_size + 1 = "
                 f"{block_size + 1}; use a longer corpus or a smaller block_size"
             )
-    ids = torch.from_numpy(tokens)  # 2 bytes a token; get_batch widens each batch to int64
-    return ids[:n_train], ids[n_train:]
+    return train, val
 
 
 def get_batch(
@@ -279,6 +287,23 @@ def fitted_splits(
     return tokenizer, fitted_train, torch.from_numpy(tokenizer.from_gpt2(val.numpy()))
 
 
+def trained_splits(
+    text: str, tokenizer: TrainedBPETokenizer | None, config: DataConfig, block_size: int
+) -> tuple[TrainedBPETokenizer, torch.Tensor, torch.Tensor]:
+    """The splits in a byte-pair vocabulary learned from the training text.
+
+    The text is split first, by characters (the validation text is then the same as a
+    character model's), and a new run's vocabulary is learned from the training text alone.
+    Learning and encoding take well under a second for Tiny Shakespeare, so nothing is cached.
+    """
+    cut = len(text) - int(len(text) * config.val_fraction)
+    train_text, val_text = text[:cut], text[cut:]
+    tokenizer = tokenizer or TrainedBPETokenizer.from_text(train_text, config.bpe_vocab_size)
+    train = torch.from_numpy(tokenizer.encode_array(train_text))
+    val = torch.from_numpy(tokenizer.encode_array(val_text))
+    return (tokenizer, *check_split_sizes(train, val, block_size))
+
+
 def positions_to_spell(n_tokens: int, fraction: float) -> np.ndarray | None:
     """Each of n_tokens marked with probability `fraction` (None for 0), the same every time.
 
@@ -294,6 +319,17 @@ def positions_to_spell(n_tokens: int, fraction: float) -> np.ndarray | None:
         for start in range(0, n_tokens, SPELLING_PIECE)
     ]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=bool)
+
+
+def bpe_vocabulary(config: DataConfig, tokenizer: Tokenizer | None) -> str:
+    """Which splitting a run's vocabulary needs: "trained", "fitted", or "" for the others.
+
+    A saved run's tokenizer decides; a new run's settings do.
+    """
+    if tokenizer is not None:
+        kinds = {TrainedBPETokenizer: "trained", FittedBPETokenizer: "fitted"}
+        return kinds.get(type(tokenizer), "")
+    return config.bpe_vocabulary if config.tokenizer == "bpe" else ""
 
 
 def load_splits(
@@ -316,8 +352,10 @@ def load_splits(
             "the same corpus, or start a new run"
         )
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
-    fitted = tokenizer is None and config.tokenizer == "bpe" and config.bpe_vocabulary == "fitted"
-    if fitted or isinstance(tokenizer, FittedBPETokenizer):
+    vocabulary = bpe_vocabulary(config, tokenizer)
+    if vocabulary == "trained":
+        tokenizer, train, val = trained_splits(text, tokenizer, config, block_size)
+    elif vocabulary == "fitted":
         tokenizer, train, val = fitted_splits(
             text, tokenizer, config, block_size, cache_dir, digest
         )

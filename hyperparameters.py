@@ -79,11 +79,17 @@ class DataConfig:
     tokenizer: Literal["char", "bpe"] = setting(
         "char", "char: one token per character; bpe: GPT-2's byte-pair encoding"
     )
-    bpe_vocabulary: Literal["fitted", "full"] = setting(
+    bpe_vocabulary: Literal["fitted", "full", "trained"] = setting(
         "fitted",
         "bpe only: fitted keeps the GPT-2 tokens the training text uses (see bpe_min_count) "
         "and GPT-2's 256 byte tokens, which spell any other; full keeps all 50,257, as "
-        "GPT-2's own tokenizer expects",
+        "GPT-2's own tokenizer expects; trained learns a vocabulary of bpe_vocab_size tokens "
+        "from the training text",
+    )
+    bpe_vocab_size: int = setting(
+        2048,
+        "trained bpe only: the 256 byte tokens plus the merges learned from the training "
+        "text; 512..8192 (at most 65,536)",
     )
     bpe_min_count: int = setting(
         1,
@@ -105,6 +111,8 @@ class DataConfig:
         problems = []
         if self.bpe_min_count < 1:
             problems.append(f"bpe_min_count must be >= 1, got {self.bpe_min_count}")
+        if not 257 <= self.bpe_vocab_size <= 2**16:
+            problems.append(f"bpe_vocab_size must be in 257..65536, got {self.bpe_vocab_size}")
         if not 0.0 <= self.bpe_spell_fraction < 1.0:
             problems.append(f"bpe_spell_fraction must be in [0, 1), got {self.bpe_spell_fraction}")
         if not 0.0 < self.val_fraction < 1.0:

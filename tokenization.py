@@ -1,23 +1,30 @@
-"""Text to token ids and back: one token per character, or GPT-2's byte-pair encoding.
+"""Text to token ids and back: one token per character, or byte-pair encoding.
 
-Both tokenizers encode and decode text, encode a whole corpus into a uint16 array without
-building a list of ints, and describe themselves for a checkpoint (`to_dict`), from which
-`tokenizer_from_dict` rebuilds them. GPT-2's encoding is built by tiktoken from the ranks file
-shipped in `assets/` (checked by sha256), so no network is needed.
+Byte-pair tokens come from GPT-2's vocabulary (all of it, or the part a training text uses),
+or from a vocabulary learned from the training text itself (`learn_merges`, below, shows how).
+Every tokenizer encodes and decodes text, encodes a whole corpus into a uint16 array without
+building a list of ints, and describes itself for a checkpoint (`to_dict`), from which
+`tokenizer_from_dict` rebuilds it. Byte-pair text is encoded by tiktoken; GPT-2's ranks come
+from the file shipped in `assets/` (checked by sha256), so no network is needed.
 """
 
 from __future__ import annotations
 
 import codecs
+import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 import tiktoken
 import torch
 
+from support import fast_bpe
 from support.common import UserFacingError, sha256_hex
 
 GPT2_RANKS_PATH = Path(__file__).resolve().parent / "assets" / "r50k_base.tiktoken"
@@ -166,25 +173,12 @@ class BPETokenizer:
         return self.encoding.encode_ordinary(text)
 
     def encode_array(self, text: str) -> np.ndarray:
-        """A whole corpus to uint16 ids, a piece at a time (a list of ints costs 36 bytes each).
-
-        The ids are exactly those of encoding the text at once (see `_piece_end`).
-        """
-        pieces, start = [], 0
-        while start < len(text):
-            end = _piece_end(text, start + ENCODE_CHUNK_CHARS)
-            pieces.append(np.array(self.encoding.encode_ordinary(text[start:end]), np.uint16))
-            start = end
-        return np.concatenate(pieces)
+        """A whole corpus to uint16 ids, a piece at a time (a list of ints costs 36 bytes each)."""
+        return encode_in_pieces(self.encoding, text)
 
     def count_chars(self, ids: torch.Tensor) -> int:
-        """How many characters the ids decode to, decoding a piece at a time."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        count = 0
-        for start in range(0, len(ids), ENCODE_CHUNK_CHARS):
-            chunk = ids[start : start + ENCODE_CHUNK_CHARS].tolist()
-            count += len(decoder.decode(self.encoding.decode_bytes(chunk)))
-        return count + len(decoder.decode(b"", final=True))
+        """How many characters the ids decode to."""
+        return count_decoded_chars(self.encoding, ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text (bytes that are not valid UTF-8 become U+FFFD)."""
@@ -295,6 +289,29 @@ class FittedBPETokenizer:
         return "bpe-fitted-" + sha256_hex(self.gpt2_ids.tobytes())[:16]
 
 
+def encode_in_pieces(encoding: tiktoken.Encoding, text: str) -> np.ndarray:
+    """A whole corpus to uint16 ids, a piece at a time (a list of ints costs 36 bytes each).
+
+    The ids are exactly those of encoding the text at once (see `_piece_end`).
+    """
+    pieces, start = [np.zeros(0, np.uint16)], 0
+    while start < len(text):
+        end = _piece_end(text, start + ENCODE_CHUNK_CHARS)
+        pieces.append(np.array(encoding.encode_ordinary(text[start:end]), np.uint16))
+        start = end
+    return np.concatenate(pieces)
+
+
+def count_decoded_chars(encoding: tiktoken.Encoding, ids: torch.Tensor) -> int:
+    """How many characters byte-pair ids decode to, decoding a piece at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    count = 0
+    for start in range(0, len(ids), ENCODE_CHUNK_CHARS):
+        chunk = ids[start : start + ENCODE_CHUNK_CHARS].tolist()
+        count += len(decoder.decode(encoding.decode_bytes(chunk)))
+    return count + len(decoder.decode(b"", final=True))
+
+
 _PIECE_BOUNDARY = re.compile(r"[ \n](?=.)", re.DOTALL)  # a space or newline with text after it
 
 
@@ -315,7 +332,146 @@ def _piece_end(text: str, at_least: int) -> int:
     return len(text)
 
 
-Tokenizer = CharTokenizer | BPETokenizer | FittedBPETokenizer
+# ----------------------------------------------------------------------------------------------
+# A byte-pair vocabulary learned from the training text
+#
+# Start with the 256 byte values as tokens. Split the text into words with GPT-2's pattern, so
+# that a merge never joins two words, and spell each word in bytes. Then repeat: count every
+# pair of adjacent tokens (a word's pairs count as often as the word occurs), make the most
+# frequent pair a new token, and write it in wherever the pair occurs. Token 256 + i is
+# merges[i]: its two parts, in order. Encoding a new text replays the merges in that order.
+
+MAX_BPE_VOCAB_SIZE = 2**16  # ids are stored as uint16
+
+
+def words_in_bytes(text: str) -> Counter[tuple[int, ...]]:
+    """Each distinct word of the text, as GPT-2's pattern splits it, in bytes, with its count."""
+    words = regex.findall(GPT2_SPLIT_PATTERN, text)
+    return Counter(tuple(word.encode("utf-8")) for word in words)
+
+
+def merge_pair(ids: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tuple[int, ...]:
+    """The ids with each occurrence of pair, read from the left, replaced by new_id."""
+    merged, i = [], 0
+    while i < len(ids):
+        if ids[i : i + 2] == pair:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return tuple(merged)
+
+
+def learn_merges(text: str, vocab_size: int) -> list[tuple[int, int]]:
+    """The merges that grow 256 byte tokens to vocab_size tokens, learned from the text.
+
+    This is the algorithm as it reads, and slow: it recounts every pair for every merge. Real
+    runs learn the same merges with a library (`support/fast_bpe.py`; the tests compare the
+    two). It stops early when every word has become one token.
+    """
+    words = words_in_bytes(text)
+    merges = []
+    for new_id in range(256, vocab_size):
+        pair_counts: Counter[tuple[int, int]] = Counter()
+        for word, count in words.items():
+            for pair in pairwise(word):
+                pair_counts[pair] += count
+        if not pair_counts:
+            break
+        # The most frequent pair; between equally frequent ones, the one with smaller ids.
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        words = Counter({merge_pair(word, best, new_id): count for word, count in words.items()})
+    return merges
+
+
+def encode_with_merges(text: str, merges: list[tuple[int, int]]) -> list[int]:
+    """Text to ids by replaying the merges inside each word, earliest learned first.
+
+    The reference for `TrainedBPETokenizer.encode`, which gives the same ids faster.
+    """
+    new_id_of = {pair: 256 + i for i, pair in enumerate(merges)}
+    ids = []
+    for word in regex.findall(GPT2_SPLIT_PATTERN, text):
+        tokens = tuple(word.encode("utf-8"))
+        while len(tokens) >= 2:
+            pair = min(pairwise(tokens), key=lambda p: new_id_of.get(p, math.inf))
+            if pair not in new_id_of:
+                break  # none of this word's pairs was ever merged
+            tokens = merge_pair(tokens, pair, new_id_of[pair])
+        ids.extend(tokens)
+    return ids
+
+
+def token_bytes_of(merges: list[tuple[int, int]]) -> list[bytes]:
+    """Every token's bytes, by id: the 256 bytes, then each merge's two parts joined."""
+    vocabulary = [bytes([byte]) for byte in range(256)]
+    for left, right in merges:
+        vocabulary.append(vocabulary[left] + vocabulary[right])
+    return vocabulary
+
+
+class TrainedBPETokenizer:
+    """A byte-pair vocabulary learned from a training text: 256 byte tokens and the merges.
+
+    Any text encodes (bytes that no merge joined stay byte tokens) and decodes back exactly.
+    tiktoken encodes, with the ids of `encode_with_merges` (the tests hold it to them).
+    """
+
+    kind = "bpe"
+
+    def __init__(self, merges: Iterable[tuple[int, int]]) -> None:
+        self.merges = [(int(left), int(right)) for left, right in merges]
+        self.vocabulary = token_bytes_of(self.merges)  # id -> bytes
+        ranks = {token: token_id for token_id, token in enumerate(self.vocabulary)}
+        if len(ranks) != len(self.vocabulary):
+            raise UserFacingError("the learned byte-pair vocabulary holds a token twice")
+        self.encoding = tiktoken.Encoding(
+            name="trained", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={}
+        )
+        self.vocab_size = len(self.vocabulary)
+
+    @classmethod
+    def from_text(cls, text: str, vocab_size: int) -> TrainedBPETokenizer:
+        """Learn up to vocab_size tokens from the text (`learn_merges`, done by a library)."""
+        return cls(fast_bpe.learn_merges(text, vocab_size, GPT2_SPLIT_PATTERN))
+
+    def describe(self) -> str:
+        """The vocabulary in a few words, for people."""
+        return f"byte-pair encoding learned from the training text ({self.vocab_size:,} tokens)"
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids."""
+        check_unicode(text, "the text")
+        return self.encoding.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """A whole corpus to uint16 ids, a piece at a time."""
+        return encode_in_pieces(self.encoding, text)
+
+    def count_chars(self, ids: torch.Tensor) -> int:
+        """How many characters the ids decode to."""
+        return count_decoded_chars(self.encoding, ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text (bytes that are not valid UTF-8 become U+FFFD)."""
+        return self.encoding.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token; a character may span two tokens."""
+        return self.vocabulary[token_id]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The description stored in a checkpoint: the merges, in the order they were learned."""
+        return {"kind": self.kind, "encoding": "trained", "merges": [list(m) for m in self.merges]}
+
+    def cache_key(self) -> str:
+        """Identifies this exact vocabulary, for the token cache's file name."""
+        return "bpe-trained-" + sha256_hex(np.array(self.merges, dtype=np.uint16).tobytes())[:16]
+
+
+Tokenizer = CharTokenizer | BPETokenizer | FittedBPETokenizer | TrainedBPETokenizer
 
 
 def build_tokenizer(kind: str, text: str) -> Tokenizer:
@@ -348,7 +504,23 @@ def tokenizer_from_dict(description: Any) -> Tokenizer:
         if tokenizer.vocab_size != len(kept):  # the byte tokens were missing
             raise UserFacingError("checkpoint's fitted GPT-2 vocabulary lacks byte tokens")
         return tokenizer
+    if kind == "bpe" and description.get("encoding") == "trained":
+        return TrainedBPETokenizer(checked_merges(description.get("merges")))
     raise UserFacingError(f"checkpoint describes an unknown tokenizer: {description!r:.80}")
+
+
+def checked_merges(merges: Any) -> list[tuple[int, int]]:
+    """A checkpoint's merges, refused in one line unless each joins two earlier tokens."""
+    if not isinstance(merges, list) or len(merges) > MAX_BPE_VOCAB_SIZE - 256:
+        raise UserFacingError("checkpoint's byte-pair merges are not a list of at most 65,280")
+    for new_id, pair in enumerate(merges, start=256):
+        valid = isinstance(pair, list) and len(pair) == 2
+        if not valid or not all(type(i) is int and 0 <= i < new_id for i in pair):
+            raise UserFacingError(
+                f"checkpoint's byte-pair merge for token {new_id} is {pair!r:.40}, not two "
+                "earlier token ids"
+            )
+    return [tuple(pair) for pair in merges]
 
 
 def stream_decode(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:

@@ -101,6 +101,11 @@ def parse_configs(
         contradicting = [f"--{name}" for name in PRETRAINED_SHAPE if name in given]
         if contradicting:
             parser.error(f"--init_from takes {', '.join(contradicting)} from the pretrained model")
+        if given.get("bpe_vocabulary") == "trained":
+            parser.error(
+                "--init_from reads GPT-2's tokens, not a learned vocabulary: use "
+                "--bpe_vocabulary fitted or full"
+            )
     preset = preset_for(given)
     applied = {} if preset is None else applied_preset(parser, preset[1], given)
     if applied and not given.get("resume"):  # a resumed run takes its settings from its checkpoint

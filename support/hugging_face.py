@@ -23,6 +23,7 @@ parallel residual is off, with q, k and v grouped per head.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from tokenization import (
     CharTokenizer,
     FittedBPETokenizer,
     Tokenizer,
+    TrainedBPETokenizer,
     load_gpt2_ranks,
 )
 
@@ -244,6 +246,11 @@ def pretrained_gpt2(source: str, base: ModelConfig, tokenizer: Tokenizer) -> Pre
 
     Knowing the shape first lets training check the memory before reading 0.5-6 GB of weights.
     """
+    if isinstance(tokenizer, TrainedBPETokenizer):
+        raise UserFacingError(
+            "--init_from reads GPT-2's tokens, not a learned vocabulary: use --bpe_vocabulary "
+            "fitted or full"
+        )
     if not isinstance(tokenizer, BPETokenizer | FittedBPETokenizer):
         raise UserFacingError("--init_from needs --tokenizer=bpe: GPT-2 reads GPT-2 tokens")
     config_path, weights_path = pretrained_files(source)
@@ -361,7 +368,8 @@ def neox_config(config: ModelConfig, end_of_text: int | None) -> dict[str, Any]:
     }
 
 
-def _byte_characters() -> list[str]:
+@functools.cache
+def _byte_characters() -> tuple[str, ...]:
     """GPT-2's byte-level alphabet: a printable character standing for each of the 256 bytes.
 
     Printable Latin-1 bytes stand for themselves; the others (controls, space) take the
@@ -374,7 +382,13 @@ def _byte_characters() -> list[str]:
             characters[byte] = chr(byte)
         else:
             characters[byte], spare = chr(spare), spare + 1
-    return [characters[byte] for byte in range(256)]
+    return tuple(characters[byte] for byte in range(256))
+
+
+def spelled(token: bytes) -> str:
+    """A token's bytes in the tokenizers library's byte-level spelling."""
+    alphabet = _byte_characters()
+    return "".join(alphabet[byte] for byte in token)
 
 
 def gpt2_vocabulary_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -384,11 +398,6 @@ def gpt2_vocabulary_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]
     byte-pair encoding with the ranks below r leaves of its bytes.
     """
     ranks = load_gpt2_ranks()
-    alphabet = _byte_characters()
-
-    def spelled(token: bytes) -> str:
-        return "".join(alphabet[byte] for byte in token)
-
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) < 2:
@@ -410,9 +419,9 @@ def hf_tokenizer(tokenizer: Tokenizer) -> Any:
     """A tokenizers.Tokenizer that splits text exactly as ours does, or None where none fits.
 
     GPT-2's full vocabulary is GPT-2's own byte-level BPE. A character vocabulary is a BPE with
-    no merges: every character is a token. A fitted vocabulary has no such equivalent (its
-    tokens are GPT-2's, but text outside it is spelled in bytes after GPT-2's merges), so it
-    gets none.
+    no merges: every character is a token. A learned vocabulary is a byte-level BPE with its own
+    merges. A fitted vocabulary has no such equivalent (its tokens are GPT-2's, but text
+    outside it is spelled in bytes after GPT-2's merges), so it gets none.
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
@@ -428,6 +437,16 @@ def hf_tokenizer(tokenizer: Tokenizer) -> Any:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
         hf.add_special_tokens([END_OF_TEXT])
+        return hf
+    if isinstance(tokenizer, TrainedBPETokenizer):
+        tokens = tokenizer.vocabulary
+        vocabulary = {spelled(token): i for i, token in enumerate(tokens)}
+        merges = [
+            (spelled(tokens[left]), spelled(tokens[right])) for left, right in tokenizer.merges
+        ]
+        hf = HFTokenizer(models.BPE(vocab=vocabulary, merges=merges))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
         return hf
     return None
 

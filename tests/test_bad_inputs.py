@@ -98,6 +98,13 @@ TRAINING_CASES = [
     ("out_dir is a loop", {"out_dir": "{tmp}/loop"}, "loop", 2, ["is not a folder"]),
     ("a path with \\n", {"data": "{tmp}/my\\new.txt"}, None, 2, ["my\\new.txt not found"]),
     ("unknown attention", {"attention": "evil"}, None, 2, ["invalid choice"]),
+    (
+        "a learned vocabulary of 100",
+        {"tokenizer": "bpe", "bpe_vocabulary": "trained", "bpe_vocab_size": 100},
+        None,
+        2,
+        ["bpe_vocab_size must be in 257..65536"],
+    ),
 ]
 
 
@@ -133,6 +140,13 @@ def test_bad_training_input_is_one_line(tmp_path, capsys, options, setup, status
     assert not (tmp_path / "out").exists()  # a run that could not start leaves nothing
     for name, mtime in before.items():  # what was there is untouched (the token cache may come)
         assert (tmp_path / name).lstat().st_mtime_ns == mtime, name
+
+
+def test_gpt2s_weights_on_a_learned_vocabulary_are_refused(tmp_path, tiny_corpus, capsys):
+    argv = ["--init_from=gpt2", "--bpe_vocabulary=trained", f"--data={tiny_corpus}"]
+    status = run_main(train_model.main, [*argv, f"--out_dir={tmp_path / 'out'}"])
+    one_line_error(capsys, status, 2, "--init_from reads GPT-2's tokens", "fitted or full")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_torchrun_variable_that_is_not_a_number(tmp_path, tiny_corpus, capsys, monkeypatch):
@@ -246,6 +260,8 @@ def damage(checkpoint: dict, kind: str) -> dict:
         model_config["n_layer"] = 10**6
     elif kind == "future version":
         checkpoint["format_version"] = "2"
+    elif kind == "a merge of later tokens":
+        checkpoint["tokenizer"] = {"kind": "bpe", "encoding": "trained", "merges": [[97, 300]]}
     return checkpoint
 
 
@@ -260,6 +276,7 @@ CHECKPOINT_CASES = [
     ("context of 10**9", "needs about"),
     ("10**6 layers", "needs about"),
     ("future version", "format version '2'"),
+    ("a merge of later tokens", "not two earlier token ids"),
 ]
 
 

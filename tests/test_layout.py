@@ -22,7 +22,12 @@ DEFINITIONS = {
     "optimization",
 }
 # The support modules that stand alone: they import nothing of the project.
-LEAVES = {"support.common", "support.validation", "support.older_checkpoints"}
+LEAVES = {
+    "support.common",
+    "support.validation",
+    "support.older_checkpoints",
+    "support.fast_bpe",
+}
 
 
 def module_name(path: Path) -> str:

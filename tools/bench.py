@@ -26,6 +26,10 @@ is its own):
             tokens from the BPE defaults' model and from GPT-2 124M, each with both
             vocabularies; time to the first token; the bytes read per second (every weight
             and the cache it attends to, once per token) and their share of the bandwidth
+  tokenizer seconds to learn a 4,096-token byte-pair vocabulary from the corpus' training
+            split (--corpus) with the library (rustbpe) and to encode the whole corpus with it
+            (tiktoken); and, on its first 50,000 characters, the reference trainer and
+            encoder of tokenization.py beside the library's
   quality   wall time at which a run's validation loss first reached 2.0 ... 1.4 nats/char
 No figure here is asserted anywhere: this is a measuring tool, not a test.
 """
@@ -61,16 +65,18 @@ from typing import Any
 
 import torch
 
-from data_handling import load_splits
-from hyperparameters import BPE_PRESET, FINE_TUNING_PRESET, ModelConfig, TrainConfig
+from data_handling import load_splits, read_corpus
+from hyperparameters import BPE_PRESET, FINE_TUNING_PRESET, DataConfig, ModelConfig, TrainConfig
 from model_architecture import GPT, generate
 from optimization import make_optimizer
+from support import fast_bpe
 from support.checkpoint import TrainingState, load_checkpoint, model_from_checkpoint, saved_settings
 from support.common import UserFacingError, print_error, write_atomically
 from support.devices import compile_token_step, keep_freed_memory, sequences_per_pass
 from support.fast_paths import PRECISIONS, Int8Linear, for_inference, for_training
 from support.run_folder import RunFolder, latest_run
 from support.training_log import bits_per_char, first_reached, nats_per_char, read_history
+from tokenization import GPT2_SPLIT_PATTERN, TrainedBPETokenizer, encode_with_merges, learn_merges
 from tools import vs_nanogpt
 from train_model import Run, train_step
 
@@ -139,6 +145,8 @@ GENERATE_MODELS = {
     "GPT-2 124M, full": TRAIN_SHAPES["GPT-2 124M fine-tuning, full"][0],
 }
 GENERATE_OTHERS_TOKENS = 500
+TOKENIZER_VOCAB_SIZE = 4096  # the learned byte-pair vocabulary the tokenizer figures time
+REFERENCE_CHARS = 50_000  # the reference trainer recounts every pair per merge: a slice only
 QUALITY_TARGETS = (2.0, 1.8, 1.7, 1.6, 1.5, 1.45, 1.4)  # validation nats per character
 
 
@@ -285,6 +293,34 @@ def first_token_seconds(model: GPT, prompt: list[int], **options: Any) -> float:
     return time.perf_counter() - start
 
 
+def tokenizer_speed(corpus: Path) -> dict[str, float]:
+    """Seconds to learn a byte-pair vocabulary and to encode with it, library and reference."""
+    text = read_corpus(corpus)
+    train = text[: len(text) - int(len(text) * DataConfig.val_fraction)]
+    start = time.perf_counter()
+    tokenizer = TrainedBPETokenizer.from_text(train, TOKENIZER_VOCAB_SIZE)
+    learn_s = time.perf_counter() - start
+    piece = train[:REFERENCE_CHARS]
+    start = time.perf_counter()
+    learn_merges(piece, 512)
+    reference_learn_s = time.perf_counter() - start
+    start = time.perf_counter()
+    encode_with_merges(piece, tokenizer.merges)
+    reference_encode_s = time.perf_counter() - start
+    return {
+        "learn_s": learn_s,
+        "encode_corpus_s": median_seconds(lambda: tokenizer.encode_array(text), 3),
+        "corpus_chars": len(text),
+        "corpus_tokens": len(tokenizer.encode_array(text)),
+        "piece_learn_512_library_s": median_seconds(
+            lambda: fast_bpe.learn_merges(piece, 512, GPT2_SPLIT_PATTERN), 3
+        ),
+        "piece_learn_512_reference_s": reference_learn_s,
+        "piece_encode_library_s": median_seconds(lambda: tokenizer.encode(piece), 3),
+        "piece_encode_reference_s": reference_encode_s,
+    }
+
+
 def time_to_quality(metrics_path: Path) -> dict[str, Any]:
     """When (wall seconds into training) a run's validation loss first reached each target."""
     rows = read_history(metrics_path)
@@ -362,6 +398,8 @@ def case_main(case: list[str]) -> dict[str, Any]:
         return {**matmul_roof(), **copy_bandwidth()}
     if kind == "train":
         return train_speed(args[0], steps=int(args[1]), compile_model=args[2] == "compile")
+    if kind == "tokenizer":
+        return tokenizer_speed(Path(args[0]))
     return generate_speed(args[0], int(args[1]), mode=args[2], precision=args[3])
 
 
@@ -398,6 +436,21 @@ def print_report(results: dict[str, Any]) -> None:
             f"({row['first_token_full_block_ms']:.1f} ms after a full block){reads}{compiling}, "
             f"peak RSS {row['peak_rss_mb']:,.0f} MB"
         )
+    tokenizer = results.get("tokenizer")
+    if tokenizer:
+        print(
+            f"tokenizer: learning {TOKENIZER_VOCAB_SIZE:,} tokens from the training split "
+            f"{tokenizer['learn_s']:.2f} s; encoding the corpus ({tokenizer['corpus_chars']:,} "
+            f"characters, {tokenizer['corpus_tokens']:,} tokens) "
+            f"{tokenizer['encode_corpus_s']:.3f} s"
+        )
+        print(
+            f"tokenizer, first {REFERENCE_CHARS:,} characters: learning 512 tokens "
+            f"{tokenizer['piece_learn_512_library_s']:.3f} s (library), "
+            f"{tokenizer['piece_learn_512_reference_s']:.2f} s (reference); encoding "
+            f"{tokenizer['piece_encode_library_s']:.4f} s (library), "
+            f"{tokenizer['piece_encode_reference_s']:.3f} s (reference)"
+        )
     for name, value in results.get("full_validation", {}).items():
         print(f"whole validation split: {name} = {value:.4f}")
     for target, seconds in results.get("quality", {}).items():
@@ -429,8 +482,8 @@ def add_measurement_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["roof", "train", "generate"],
-        default=["roof", "train", "generate"],
+        choices=["roof", "train", "generate", "tokenizer"],
+        default=["roof", "train", "generate", "tokenizer"],
         help="which measurements (none at all: only --metrics and --full_val)",
     )
     parser.add_argument(
@@ -487,7 +540,9 @@ def add_comparison_options(parser: argparse.ArgumentParser) -> None:
         "--pairs", type=int, default=2, help="--vs-nanogpt: A B rounds per case (default: 2)"
     )
     parser.add_argument(
-        "--corpus", default="input.txt", help="--vs-nanogpt's text (default: input.txt)"
+        "--corpus",
+        default="input.txt",
+        help="the text of --vs-nanogpt and of the tokenizer figures (default: input.txt)",
     )
 
 
@@ -550,6 +605,8 @@ def measure(args: argparse.Namespace) -> int:
         results["train"] = measure_training(args)
     if "generate" in args.only:
         results["generate"] = measure_generation(args.threads)
+    if "tokenizer" in args.only:
+        results["tokenizer"] = run_case(["tokenizer", args.corpus], args.threads)
     if args.metrics is not None:
         metrics = run_file(args.metrics, lambda folder: folder.metrics)
         results["quality"] = time_to_quality(metrics)
