@@ -77,6 +77,7 @@ class RunDescription:
     tokenizer: Tokenizer
     tokens_per_char: dict[str, float]  # of the corpus' "train" and "val" splits
     corpus_sha256: str = ""  # the text trained on
+    run_id: str = ""  # the run's identity, which its folder's config.json records too
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +117,7 @@ def make_checkpoint(
         "elapsed_s": state.elapsed_s,
         "tokens_per_char": description.tokens_per_char,
         "corpus_sha256": description.corpus_sha256,
+        "run_id": description.run_id,
         "rng": rng,
         "torch_version": str(torch.__version__),  # a plain str: weights_only-safe
     }

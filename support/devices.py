@@ -18,7 +18,7 @@ import os
 import platform
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -374,10 +374,39 @@ def wrap_model(
 # Stopping politely: a signal asks every process to stop after the same step (any_process)
 
 
+def stop_signals() -> list[int]:
+    """Ctrl-C, SIGTERM, and SIGHUP (the terminal closed) unless nohup asked to ignore it."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signals.append(hangup)
+    return signals
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP end the program as Ctrl-C does, with a KeyboardInterrupt.
+
+    Before the loop (reading the corpus, compiling) a stop request cannot wait for a step: the
+    program ends at once, with the same one-line message and clean-up whichever signal came.
+    """
+    previous = {sig: signal.signal(sig, _interrupt) for sig in stop_signals()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class StopRequest:
     """Stopping politely: a first Ctrl-C, SIGTERM or SIGHUP (the terminal closed).
 
-    It asks the loop to stop after the current step, and save; a second one quits at once.
+    It asks the loop to stop after the current step (or pass: see train_model.train_step), and
+    save; a second one quits at once.
     """
 
     def __init__(self) -> None:
@@ -385,11 +414,7 @@ class StopRequest:
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
-        signals = [signal.SIGINT, signal.SIGTERM]
-        hangup = getattr(signal, "SIGHUP", None)  # not on Windows
-        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-            signals.append(hangup)  # under nohup, SIGHUP stays ignored, as nohup asks
-        for sig in signals:
+        for sig in stop_signals():
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -17,7 +17,7 @@ DATA_SETTINGS_BEFORE_THEY_EXISTED = {
     "bpe_min_count": 1,
     "bpe_spell_fraction": 0.0,
 }
-PROGRESS_BEFORE_IT_WAS_SAVED = {"tokens_seen": 0, "corpus_sha256": ""}
+PROGRESS_BEFORE_IT_WAS_SAVED = {"tokens_seen": 0, "corpus_sha256": "", "run_id": ""}
 
 
 def bring_up_to_date(checkpoint: dict[str, Any]) -> dict[str, Any]:

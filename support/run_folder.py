@@ -9,9 +9,13 @@ demo and --resume use when they are not told which run to take. A run folder hol
     ckpt_best.pth    the checkpoint with the lowest validation loss: what sampling uses
     metrics.jsonl    one line per evaluation (see training_log.py)
     loss.png         the loss curves
-    config.json      the run's settings, for people to read
+    config.json      the run's settings, for people to read, marked as this project's run
     events.out.tfevents.*   TensorBoard's log: `tensorboard --logdir out` compares the runs
     .lock            held by the training process while it runs (see RunFolder.lock)
+    hf/              the model in Hugging Face's layout, if tools/export_model.py wrote it
+
+A new run goes only into a folder that holds nothing else, so that --overwrite, which deletes
+the run's files, never deletes a file the project did not write.
 """
 
 from __future__ import annotations
@@ -36,6 +40,21 @@ except ImportError:  # Windows
 RUNS_ROOT = Path("out")  # where runs go when no --out_dir is given
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 LATEST = "latest.txt"  # in RUNS_ROOT: the name of the run started or resumed last there
+# config.json's mark: the folder holds a run of this project. config.json files written
+# before the mark existed are known by their three sections of settings.
+RUN_MARK = {"made_by": "mini-gpt train_model.py"}
+SETTINGS_SECTIONS = ("model", "data", "train")
+EXPORT_FOLDER = "hf"  # where tools/export_model.py writes inside a run folder
+EXPORT_MARK = ".mini-gpt-export"  # the file that marks a folder an export wrote
+TENSORBOARD_PREFIX = "events.out.tfevents."
+
+
+def is_run_settings(settings: Any) -> bool:
+    """Whether a config.json's contents are a run's settings as train_model.py writes them."""
+    if not isinstance(settings, dict):
+        return False
+    marked = settings.get("made_by") == RUN_MARK["made_by"]
+    return marked or all(isinstance(settings.get(key), dict) for key in SETTINGS_SECTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +99,38 @@ class RunFolder:
         return self.path / "config.json"
 
     def read_settings(self) -> dict[str, Any]:
-        """The settings config.json records ({} if it is missing or unreadable)."""
+        """The settings config.json records ({} if it is missing, unreadable or not a run's)."""
         try:
             settings = json.loads(self.settings.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
-        return settings if isinstance(settings, dict) else {}
+        return settings if is_run_settings(settings) else {}
+
+    def foreign_entries(self) -> list[str]:
+        """The names in the folder that no run of this project writes, sorted."""
+        try:
+            entries = list(self.path.iterdir())
+        except OSError:  # missing, or not a folder: nothing in it to lose
+            return []
+        return sorted(entry.name for entry in entries if not self._is_own(entry))
+
+    def _is_own(self, entry: Path) -> bool:
+        run_files = [self.last_checkpoint, self.best_checkpoint, self.metrics, self.loss_plot]
+        name = entry.name
+        if name in {path.name for path in run_files} | {".lock"}:
+            return entry.is_file() and not entry.is_symlink()
+        if name == self.settings.name:
+            return bool(self.read_settings())
+        if name == EXPORT_FOLDER:
+            return (entry / EXPORT_MARK).is_file()
+        # TensorBoard's logs, and what an atomic write cut short left behind.
+        return name.startswith(TENSORBOARD_PREFIX) or (
+            name.startswith(".") and name.endswith(".tmp")
+        )
 
     def event_files(self) -> list[Path]:
         """TensorBoard's event files of the run."""
-        return sorted(self.path.glob("events.out.tfevents.*"))
+        return sorted(self.path.glob(TENSORBOARD_PREFIX + "*"))
 
     def holds_a_run(self) -> bool:
         """Whether a run has saved a checkpoint here (one that another run must not replace)."""
@@ -144,17 +185,19 @@ class RunFolder:
         except OSError as err:
             raise UserFacingError(f"cannot create {self.path} ({err.strerror or err})") from None
 
-    def start(self, settings: dict[str, Any], replace: bool = False) -> None:
+    def start(self, settings: dict[str, Any], run_id: str, replace: bool = False) -> None:
         """Create the folder, clear what a killed run left, record the settings in config.json.
 
-        With replace (--overwrite), the run the folder held is deleted first.
+        config.json carries the project's mark and the run's identity (its checkpoints carry it
+        too). With replace (--overwrite), the run the folder held is deleted first.
         """
         self.make()
         if replace:
             self.clear()
         for leftover in self.path.glob(".*.tmp"):  # from common.write_atomically, cut short
             leftover.unlink()
-        write_atomically(self.settings, json.dumps(settings, indent=2).encode("utf-8"))
+        recorded = {**RUN_MARK, "run_id": run_id, **settings}
+        write_atomically(self.settings, json.dumps(recorded, indent=2).encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,10 +271,19 @@ def checkpoint_to_sample(ckpt: str, out_dir: str) -> Path:
 def folder_for_new_run(out_dir: str, overwrite: bool, claim: bool = True) -> RunFolder:
     """--out_dir, or a new folder under out/ (created if claim), for a new run.
 
-    A folder that holds a run is refused unless --overwrite says to replace it: no run
-    silently replaces another.
+    A folder holding anything but a run's files is refused, --overwrite or not; one that holds
+    a run is refused unless --overwrite says to replace it: no run silently replaces another.
     """
     folder = RunFolder(Path(out_dir)) if out_dir else new_run_folder(claim=claim)
+    foreign = folder.foreign_entries()
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise UserFacingError(
+            f"{folder.path} holds files that are not a training run's ({shown}); train into an "
+            "empty or new --out_dir (or none: a new folder under out/)"
+        )
     if folder.holds_a_run() and not overwrite:
         raise UserFacingError(
             f"{folder.path} holds another run; continue it with --resume, train into another "

@@ -182,11 +182,15 @@ def model_sample(model: GPT, tokenizer: Tokenizer, prompt: list[int], seed: int)
 BEST_VAL_TAG = "eval/best_val_nats_per_char"  # the metric TensorBoard's HParams table compares
 
 
-def flat_settings(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """{"model": {"n_layer": 4}, ...} -> {"model/n_layer": 4, ...}: TensorBoard's hparams."""
+def flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """{"model": {"n_layer": 4}, ...} -> {"model/n_layer": 4, ...}: TensorBoard's hparams.
+
+    Entries that are no group of settings (config.json's mark and run identity) are left out.
+    """
     return {
         f"{group}/{name}": value
         for group, values in settings.items()
+        if isinstance(values, dict)
         for name, value in values.items()
     }
 

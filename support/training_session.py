@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +57,7 @@ from support.devices import (
     setup_compute,
     shutdown_distributed,
     start_random_streams,
+    stop_signals_interrupt,
     training_memory,
     wait_for_all,
 )
@@ -158,6 +160,7 @@ def read_settings(
     folder = chosen_run(train_config.out_dir)
     checkpoint = load_checkpoint(folder.last_checkpoint)
     check_resumable(checkpoint)
+    check_checkpoint_belongs(folder, checkpoint)
     settings = settings_for_resume(saved_settings(checkpoint), given, str(folder.path))
     if checkpoint["step"] >= settings.train.max_iters:
         raise UserFacingError(
@@ -165,6 +168,34 @@ def read_settings(
             "train further"
         )
     return settings, checkpoint
+
+
+def check_checkpoint_belongs(folder: RunFolder, checkpoint: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint that the folder's config.json says is another run's.
+
+    A checkpoint copied in from another run would otherwise go on training here and replace
+    this run's best checkpoint, settings and logs. Both record the run's identity (runs made
+    before it existed: their model and data settings).
+    """
+    recorded = folder.read_settings()
+    ids = recorded.get("run_id"), checkpoint.get("run_id")
+    if all(ids) and ids[0] == ids[1]:
+        return
+    sections = (("model", "model_config"), ("data", "data_config"))
+    differs = [
+        name
+        for section, key in sections
+        for name, value in (recorded.get(section) or {}).items()
+        if name != "data" and name in checkpoint[key] and checkpoint[key][name] != value
+    ]
+    if all(ids) and not differs:
+        differs = ["run identity"]
+    if differs:
+        raise UserFacingError(
+            f"{folder.last_checkpoint} is not the checkpoint of the run {folder.settings} "
+            f"records (they differ in: {', '.join(differs)}); put that run's checkpoint back, "
+            "or train a new run in another --out_dir"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +221,7 @@ class TrainingSession:
         self.dtype = torch.float32
         self.sequences_per_pass = 0  # sequences in one forward and backward pass
         self.pretrained: PretrainedGPT2 | None = None  # with --init_from
+        self.run_id = ""  # set by open
         self.description: RunDescription
         self.state: TrainingState
         self.progress: Progress | None = None
@@ -208,16 +240,21 @@ class TrainingSession:
         streams = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = ForgivingStream(sys.stdout), ForgivingStream(sys.stderr)
         try:
-            if process_rank() > 0:
-                sys.stdout = ForgivingStream(open(os.devnull, "w"))  # noqa: SIM115 - for good
-            self.settings, self.checkpoint = read_settings(parser, argv)
-            self.folder = RunFolder(Path(self.settings.train.out_dir))
-            # One training process per folder: process 0 holds it (the others write nothing).
-            new_run = self.checkpoint is None
-            lock = self.folder.lock(discard_if_empty=new_run) if process_rank() == 0 else None
-            with lock or contextlib.nullcontext():
-                self.distributed, self.device, self.dtype = setup_compute(self.settings.train)
-                yield self.settings
+            # Until the loop's StopRequest makes them ask for a save.
+            with stop_signals_interrupt():
+                if process_rank() > 0:
+                    sys.stdout = ForgivingStream(open(os.devnull, "w"))  # noqa: SIM115 - for good
+                self.settings, self.checkpoint = read_settings(parser, argv)
+                # The run's identity: a resumed run's own, else (new, or older) a new one.
+                saved_id = self.checkpoint.get("run_id") if self.checkpoint is not None else ""
+                self.run_id = saved_id or uuid.uuid4().hex
+                self.folder = RunFolder(Path(self.settings.train.out_dir))
+                # One training process per folder: process 0 holds it (the others write nothing).
+                new_run = self.checkpoint is None
+                lock = self.folder.lock(discard_if_empty=new_run) if process_rank() == 0 else None
+                with lock or contextlib.nullcontext():
+                    self.distributed, self.device, self.dtype = setup_compute(self.settings.train)
+                    yield self.settings
         finally:
             shutdown_distributed()
             sys.stdout, sys.stderr = streams
@@ -244,7 +281,7 @@ class TrainingSession:
         model_config = dataclasses.replace(model_config, vocab_size=corpus.tokenizer.vocab_size)
         self.settings = settings = dataclasses.replace(settings, model=model_config)
         self.description = RunDescription(
-            settings, corpus.tokenizer, corpus.tokens_per_char(), corpus.sha256
+            settings, corpus.tokenizer, corpus.tokens_per_char(), corpus.sha256, self.run_id
         )
         self._check_memory()
         return model_config
@@ -291,7 +328,7 @@ class TrainingSession:
             # A new run clears what the folder holds of an earlier one: --overwrite let it
             # replace a run, and files without a checkpoint (a run killed at once) are worth
             # nothing.
-            folder.start(self.settings.to_dict(), replace=checkpoint is None)
+            folder.start(self.settings.to_dict(), self.run_id, replace=checkpoint is None)
             mark_latest(folder)
         self._say_batch(run)
 

@@ -31,11 +31,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def refused(status: int, capsys, words: str) -> None:
+def refused(status: int, capsys, words: str) -> str:
+    """The one line of a refusal, which says words."""
     assert status == 2
     err = capsys.readouterr().err.strip()
     assert words in err
     assert len(err.splitlines()) == 1
+    return err
 
 
 @pytest.mark.parametrize(
@@ -106,3 +108,74 @@ def test_resume_and_overwrite_together_are_refused(workdir, tiny_corpus, capsys)
     argv = tiny_train_argv(workdir / "out" / "run", tiny_corpus, max_iters=4)
     refused(train_model.main([*argv, "--resume", "--overwrite"]), capsys, "give one")
     assert snapshot(workdir) == before
+
+
+def hf_folder(folder: Path) -> None:
+    """A Hugging Face model folder, as another tool writes one."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "gpt2"}', encoding="utf-8")
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize(
+    "out_dir",
+    ["hf_model", "out/run/hf", "out", ".", "mine", "run_with_a_note"],
+)
+def test_training_refuses_a_folder_holding_files_it_did_not_write(
+    workdir, tiny_corpus, capsys, out_dir, overwrite
+):
+    hf_folder(workdir / "hf_model")
+    assert export_model.main(["--out_dir=out/run"]) == 0  # out/run/hf
+    (workdir / "mine").mkdir()
+    (workdir / "mine" / "draft.txt").write_text("my own words", encoding="utf-8")
+    train_model.main(tiny_train_argv(workdir / "run_with_a_note", tiny_corpus, max_iters=2))
+    (workdir / "run_with_a_note" / "notes.md").write_text("why this run", encoding="utf-8")
+    capsys.readouterr()
+    before = snapshot(workdir)
+    argv = tiny_train_argv(workdir / out_dir, tiny_corpus, max_iters=2)
+    status = train_model.main([*argv, *(["--overwrite"] if overwrite else [])])
+    refused(status, capsys, "holds files that are not a training run's")
+    assert snapshot(workdir) == before
+
+
+def test_overwrite_replaces_a_run_but_keeps_its_export(workdir, tiny_corpus, capsys):
+    assert export_model.main(["--out_dir=out/run"]) == 0
+    export = snapshot(workdir / "out" / "run" / "hf")
+    old_settings = json.loads((workdir / "out" / "run" / "config.json").read_text())
+    argv = tiny_train_argv(workdir / "out" / "run", tiny_corpus, max_iters=3)
+    assert train_model.main([*argv, "--overwrite"]) == 0
+    assert snapshot(workdir / "out" / "run" / "hf") == export
+    new_settings = json.loads((workdir / "out" / "run" / "config.json").read_text())
+    assert new_settings["made_by"] == "mini-gpt train_model.py"
+    assert new_settings["run_id"] != old_settings["run_id"]
+
+
+@pytest.mark.parametrize(
+    ("other_options", "words"),
+    [({"n_embd": 16}, "differ in: n_embd)"), ({}, "differ in: run identity")],
+)
+def test_resume_refuses_another_runs_checkpoint(workdir, tiny_corpus, capsys, other_options, words):
+    other = workdir / "out" / "other"
+    assert train_model.main(tiny_train_argv(other, tiny_corpus, max_iters=2, **other_options)) == 0
+    run = workdir / "out" / "run"
+    (run / "ckpt_last.pth").write_bytes((other / "ckpt_last.pth").read_bytes())  # by hand
+    capsys.readouterr()
+    before = snapshot(workdir)
+    argv = tiny_train_argv(run, tiny_corpus, max_iters=4)
+    refusal = refused(
+        train_model.main([*argv, "--resume"]), capsys, "is not the checkpoint of the run"
+    )
+    assert words in refusal
+    assert snapshot(workdir) == before
+
+
+def test_a_run_from_before_the_mark_still_resumes(workdir, tiny_corpus):
+    settings_file = workdir / "out" / "run" / "config.json"
+    settings = json.loads(settings_file.read_text())
+    for key in ("made_by", "run_id"):
+        del settings[key]
+    settings_file.write_text(json.dumps(settings))
+    argv = tiny_train_argv(workdir / "out" / "run", tiny_corpus, max_iters=4)
+    assert train_model.main([*argv, "--resume"]) == 0
+    assert json.loads(settings_file.read_text())["made_by"] == "mini-gpt train_model.py"

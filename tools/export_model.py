@@ -11,9 +11,9 @@ GPT2LMHeadModel (a model with learned positions) or GPTNeoXForCausalLM (rotary p
     model = AutoModelForCausalLM.from_pretrained("shakespeare_gpt")
     tokenizer = AutoTokenizer.from_pretrained("shakespeare_gpt")
 
-Character and full GPT-2 vocabularies come with tokenizer.json, which encodes text exactly as
-this project does. A fitted GPT-2 vocabulary has no tokenizer of that kind; its folder holds
-gpt2_ids.json instead, the GPT-2 id of each of the model's ids.
+Character, full GPT-2 and learned byte-pair vocabularies come with tokenizer.json, which
+encodes text exactly as this project does. A fitted GPT-2 vocabulary has no tokenizer of that
+kind; its folder holds gpt2_ids.json instead, the GPT-2 id of each of the model's ids.
 """
 
 from __future__ import annotations
@@ -51,14 +51,11 @@ from support.hugging_face import (
     WEIGHTS_FILE,
     write_hf_folder,
 )
-from support.run_folder import RunFolder, checkpoint_to_sample
+from support.run_folder import EXPORT_FOLDER, EXPORT_MARK, RunFolder, checkpoint_to_sample
 
 PROG = "export_model.py"
-EXPORT_FOLDER = "hf"  # inside the run's folder, unless --to says otherwise
-
-
-# What an export writes, and the mark that tells a folder it wrote from any other.
-EXPORT_MARK = ".mini-gpt-export"
+# What an export writes; EXPORT_MARK tells a folder it wrote from any other. It writes into the
+# run's folder (EXPORT_FOLDER) unless --to says otherwise.
 EXPORT_FILES = frozenset(
     {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, FITTED_IDS_FILE, EXPORT_MARK}
 )
