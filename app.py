@@ -111,6 +111,9 @@ def _generate_tab(gr: Any, loaded: LoadedModel, defaults: SampleConfig) -> None:
         outputs=[output, note],
         api_name="generate",
         concurrency_limit=CONCURRENCY_LIMIT,
+        # The values reach generate_stream as sent: it checks them itself, so that an API
+        # call with NaN, text or null gets a note instead of an error and a server traceback.
+        preprocess=False,
     )
 
 
@@ -149,7 +152,9 @@ def _attention_tab(gr: Any, loaded: LoadedModel) -> None:
     def show_attention(prompt: str) -> tuple[Any, str]:
         return attention_image(loaded, prompt)
 
-    button.click(show_attention, inputs=prompt, outputs=[image, note], api_name="attention")
+    button.click(
+        show_attention, inputs=prompt, outputs=[image, note], api_name="attention", preprocess=False
+    )
 
 
 def port_number(text: str) -> int:

@@ -352,6 +352,10 @@ def load_splits(
             "the same corpus, or start a new run"
         )
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+        raise UserFacingError(
+            f"--cache_dir {cache_dir} is not a folder; name a folder, or --cache_dir '' for none"
+        )
     vocabulary = bpe_vocabulary(config, tokenizer)
     if vocabulary == "trained":
         tokenizer, train, val = trained_splits(text, tokenizer, config, block_size)

@@ -24,6 +24,7 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -46,6 +47,10 @@ PROG = "train_model.py"
 # One training step, and the evaluation
 
 
+class StoppedMidway(Exception):
+    """A stop request came between two passes: the step (or evaluation) is dropped unfinished."""
+
+
 @dataclasses.dataclass
 class Run:
     """What the training and evaluation steps work with."""
@@ -61,6 +66,9 @@ class Run:
     sequences_per_pass: int  # of a micro-batch, through one forward and backward pass
     distributed: Distributed = dataclasses.field(default_factory=Distributed)
     average: AveragedModel | None = None  # the weights' moving average, if one is kept
+    # Whether Ctrl-C or SIGTERM came, asked between passes so that a long step stops within
+    # seconds (under torchrun, processes stop together between steps instead).
+    stop_asked: Callable[[], bool] = lambda: False
 
     def final_model(self) -> GPT:
         """What checkpoints keep for generation: the weights' average if one is kept."""
@@ -112,6 +120,9 @@ def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tens
         )
         passes = in_passes(x, y, run.sequences_per_pass)
         for pass_number, (pass_x, pass_y) in enumerate(passes):
+            if run.stop_asked():  # the step is dropped: its gradients are never applied
+                run.optimizer.zero_grad(set_to_none=True)
+                raise StoppedMidway
             # Across processes, gradients are averaged once per step, after the last pass.
             last = (
                 micro_step == config.gradient_accumulation_steps - 1
@@ -155,6 +166,9 @@ def estimate_loss(run: Run) -> dict[str, float]:
                 data, config.batch_size, run.model.config.block_size, generator, run.device
             )
             for pass_x, pass_y in in_passes(x, y, run.sequences_per_pass):  # as in training
+                if run.stop_asked():
+                    model.train()
+                    raise StoppedMidway
                 with run.autocast:
                     _, loss = model(pass_x, pass_y)
                 total += loss.item() * pass_x.size(0) / x.size(0)
@@ -195,6 +209,7 @@ def build_run(session: TrainingSession) -> Run:
         sequences_per_pass=session.sequences_per_pass,
         distributed=session.distributed,
         average=weight_average(model, train_config.weight_average),
+        stop_asked=session.stop_asked_between_passes,
     )
     # Seeds the batches and dropout (a resumed run gets its saved weights' average, optimizer
     # state and random streams back), then writes the run's config.json into its folder.
@@ -209,13 +224,16 @@ def train(run: Run, session: TrainingSession) -> int:
     state = session.state
     with session.running(run):  # a progress bar, the logs, and a Ctrl-C that saves first
         while True:
-            if session.evaluation_due():
-                session.record_evaluation(estimate_loss(run), run)  # logs it, saves checkpoints
-            if state.step == run.config.max_iters:
-                return session.finish()
-            if session.stop_requested():  # Ctrl-C or SIGTERM, in any process
-                return session.save_and_stop(run)
-            loss, grad_norm = train_step(run, state)
+            try:
+                if session.evaluation_due():
+                    session.record_evaluation(estimate_loss(run), run)  # logs, saves checkpoints
+                if state.step == run.config.max_iters:
+                    return session.finish()
+                if session.stop_requested():  # Ctrl-C or SIGTERM, in any process
+                    return session.save_and_stop(run)
+                loss, grad_norm = train_step(run, state)
+            except StoppedMidway:  # Ctrl-C or SIGTERM during a long evaluation or step
+                return session.save_and_stop(run, step_dropped=True)
             if run.average is not None:
                 run.average.update_parameters(run.model)
             state.step += 1

@@ -93,13 +93,19 @@ def facts_markdown(loaded: LoadedModel) -> str:
 # Generate tab
 
 
-def prepare_prompt(text: str, tokenizer: Tokenizer) -> tuple[list[int], str]:
+def prepare_prompt(text: Any, tokenizer: Tokenizer) -> tuple[list[int], str]:
     """Token ids for a prompt typed in the page, and a note on anything that was changed.
 
     The page never fails on a prompt: an empty one becomes a newline, a long one keeps its end,
     and characters a character-level model never saw are left out (and named in the note).
     """
     notes = []
+    if not isinstance(text, str):  # the API takes any JSON value
+        text, notes = "", ["the prompt was not text"]
+    readable = text.encode("utf-8", errors="replace").decode("utf-8")
+    if readable != text:  # lone surrogates, which no tokenizer can encode
+        text = readable
+        notes.append("characters that are not text became '?'")
     if len(text) > MAX_PROMPT_CHARS:
         text = text[-MAX_PROMPT_CHARS:]
         notes.append(f"the prompt was cut to its last {MAX_PROMPT_CHARS} characters")
@@ -114,11 +120,14 @@ def prepare_prompt(text: str, tokenizer: Tokenizer) -> tuple[list[int], str]:
     return tokenizer.encode(text), "; ".join(notes)
 
 
+def is_number(value: Any) -> bool:
+    """Whether a value from the page or its API is a number (NaN, text and null are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def clamp(value: Any, low: float, high: float, default: float) -> float:
     """A number from the page or its API, brought into [low, high]; default if not a number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return default
-    return float(min(max(value, low), high))
+    return float(min(max(value, low), high)) if is_number(value) else default
 
 
 def generate_stream(
@@ -132,10 +141,17 @@ def generate_stream(
 ) -> Iterator[tuple[str, str]]:
     """Yield (text so far, note) while the model writes; slider values are clamped to sense.
 
-    The page's sliders keep to their ranges, but its API takes any JSON number (NaN, 1e300):
-    each value is brought into its range here, and one that is not a number takes a default.
+    The page's sliders keep to their ranges, but its API takes any JSON value (NaN, 1e300,
+    text, null): each value is brought into its range here, and one that is not a number takes
+    a default, which the note names.
     """
-    prompt_ids, note = prepare_prompt(prompt or "", loaded.tokenizer)
+    prompt_ids, note = prepare_prompt(prompt, loaded.tokenizer)
+    settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    settings |= {"new tokens": max_new_tokens, "seed": 0 if seed is None else seed}
+    not_numbers = [name for name, value in settings.items() if not is_number(value)]
+    if not_numbers:
+        defaults = f"not numbers, so their defaults were used: {', '.join(not_numbers)}"
+        note = f"{note}; {defaults}" if note else defaults
     generator = torch.Generator(device=loaded.model.token_embedding.weight.device)
     generator.manual_seed(int(clamp(seed, 0, MAX_SEED, 0)))
     temperature = clamp(temperature, 0.0, 5.0, 0.0)
@@ -212,7 +228,7 @@ def attention_image(loaded: LoadedModel, prompt: str) -> tuple[Any, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prompt_ids, note = prepare_prompt(prompt or "", loaded.tokenizer)
+    prompt_ids, note = prepare_prompt(prompt, loaded.tokenizer)
     limit = min(MAX_ATTENTION_TOKENS, loaded.model.config.block_size)
     if len(prompt_ids) > limit:
         prompt_ids = prompt_ids[:limit]

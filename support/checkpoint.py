@@ -39,7 +39,12 @@ from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer, model_to_keep
 from support.common import UserFacingError, first_line, write_atomically
-from support.devices import model_memory, require_memory
+from support.devices import (
+    model_memory,
+    note_random_streams,
+    put_back_random_streams,
+    require_memory,
+)
 from support.older_checkpoints import bring_up_to_date
 from tokenization import Tokenizer, tokenizer_from_dict
 
@@ -97,9 +102,7 @@ def make_checkpoint(
     With a moving average of the weights, "model" holds the average (what generation uses)
     and "training_weights" the weights that training goes on from.
     """
-    rng = {"torch": torch.get_rng_state(), "batches": state.batch_generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng = note_random_streams(state.batch_generator)
     settings = description.settings
     checkpoint = {
         "format_version": FORMAT_VERSION,
@@ -362,11 +365,7 @@ def restore_training_state(
     if checkpoint["scaler"]:  # empty when the run did not scale its loss (not float16)
         scaler.load_state_dict(checkpoint["scaler"])
     if restore_random_streams:
-        batch_generator.set_state(checkpoint["rng"]["batches"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            # One state per GPU the run saw; a machine with fewer GPUs takes its first ones.
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"][: torch.cuda.device_count()])
+        put_back_random_streams(checkpoint["rng"], batch_generator)
     return TrainingState(
         batch_generator=batch_generator,
         step=checkpoint["step"],

@@ -148,7 +148,7 @@ def training_memory(config: ModelConfig, batch_size: int, sequences_per_pass: in
     attention = 3 * config.n_head * T if unfused else 0
     per_token = config.n_layer * (16 * C + attention) + 3 * config.vocab_size
     activations = FLOAT_BYTES * sequences_per_pass * T * per_token
-    token_ids = 2 * 8 * batch_size * T  # inputs and targets, int64
+    token_ids = 3 * 8 * batch_size * (T + 1)  # the batch's windows, inputs, targets (int64)
     return 4 * weights + activations + token_ids
 
 
@@ -368,6 +368,22 @@ def wrap_model(
             forward_sync_buffers=False,
         )
     return wrapped
+
+
+def note_random_streams(batch_generator: torch.Generator) -> dict[str, Any]:
+    """The states of every random stream training draws from: batches, dropout, the GPUs'."""
+    streams = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}
+    if torch.cuda.is_available():
+        streams["cuda"] = torch.cuda.get_rng_state_all()
+    return streams
+
+
+def put_back_random_streams(streams: dict[str, Any], batch_generator: torch.Generator) -> None:
+    """Put back what note_random_streams noted (a machine with fewer GPUs takes the first)."""
+    batch_generator.set_state(streams["batches"])
+    torch.set_rng_state(streams["torch"])
+    if "cuda" in streams and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(streams["cuda"][: torch.cuda.device_count()])
 
 
 # ----------------------------------------------------------------------------------------------

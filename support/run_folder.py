@@ -143,13 +143,14 @@ class RunFolder:
             path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def lock(self, discard_if_empty: bool = False) -> Iterator[None]:
+    def lock(self, discard_if_unsaved: bool = False) -> Iterator[None]:
         """Hold the folder for this training process: another one is refused while it runs.
 
         The operating system releases the lock when the process ends, however it ends (a kill
         too), so a lock never outlives its run; the file names the process that holds it. With
-        discard_if_empty, a new run that fails before writing anything leaves no folder behind.
-        (Without fcntl, on Windows, nothing is locked.)
+        discard_if_unsaved, a new run that stops before its first checkpoint leaves none of
+        its files behind, nor the folder if that is then empty. (Without fcntl, on Windows,
+        nothing is locked.)
         """
         self.make()
         lock = self.path / ".lock"
@@ -171,9 +172,11 @@ class RunFolder:
             try:
                 yield
             finally:
-                if discard_if_empty and [p.name for p in self.path.iterdir()] == [".lock"]:
-                    lock.unlink()
-                    self.path.rmdir()
+                if discard_if_unsaved and not self.holds_a_run():
+                    self.clear()
+                    lock.unlink(missing_ok=True)  # (the whole folder may have been deleted)
+                    with contextlib.suppress(OSError):  # not empty: it holds an export
+                        self.path.rmdir()
 
     def make(self) -> None:
         """Create the folder if it is not there; say so in one line if it cannot be."""

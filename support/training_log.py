@@ -9,10 +9,13 @@ overlays every run under out/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from model_architecture import GPT, generate
-from support.common import figure_png, write_atomically
+from support.common import figure_png, first_line, write_atomically
 from support.run_folder import RunFolder
 from tokenization import Tokenizer
 
@@ -68,8 +71,9 @@ ROW_NUMBERS = ("step", "train_loss", "val_loss", "train_bpc", "val_bpc", "elapse
 def read_history(path: Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
     """A run's evaluations from its metrics.jsonl, up to a step (a resumed run's checkpoint).
 
-    A damaged line (cut short, edited, not UTF-8) is skipped with a warning: the log is for
-    reading, and losing one row must not stop a resumed run or the web demo.
+    A damaged line (cut short, edited, not UTF-8, a number that is NaN or infinite) is skipped
+    with a warning: the log is for reading, and losing one row must not stop a resumed run or
+    the web demo.
     """
     if not path.is_file():
         return []
@@ -92,7 +96,9 @@ def _parse_row(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     numbers = [row.get(name) for name in ROW_NUMBERS] if isinstance(row, dict) else [None]
-    sound = all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers)
+    sound = all(
+        isinstance(n, int | float) and not isinstance(n, bool) and math.isfinite(n) for n in numbers
+    )
     return row if sound else None
 
 
@@ -217,32 +223,74 @@ class TensorBoardLog:
         self.writer = SummaryWriter(str(folder), purge_step=purge_step)
         for summary in hparams(flat_settings(settings), {BEST_VAL_TAG: 0.0}):
             self.writer.file_writer.add_summary(summary)
+        self.working = True  # until the file cannot be written (the folder gone, a full disk)
+        _quiet_writer_threads()
 
     def log_step(
         self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float
     ) -> None:
         """The latest training step's figures."""
-        self.writer.add_scalar("step/loss", loss, step)
-        self.writer.add_scalar("step/learning_rate", lr, step)
-        self.writer.add_scalar("step/grad_norm", grad_norm, step)
-        self.writer.add_scalar("step/tokens_per_s", tokens_per_s, step)
+        if not self.working:
+            return
+        with self._stopping_on_failure():
+            self.writer.add_scalar("step/loss", loss, step)
+            self.writer.add_scalar("step/learning_rate", lr, step)
+            self.writer.add_scalar("step/grad_norm", grad_norm, step)
+            self.writer.add_scalar("step/tokens_per_s", tokens_per_s, step)
 
     def log_evaluation(self, row: dict[str, Any], best_val_bpc: float, sample: str) -> None:
         """An evaluation (a metrics.jsonl row), and a sample of text; then flush to disk."""
         step = row["step"]
-        for split in ("train", "val"):
-            self.writer.add_scalar(f"eval/{split}_loss", row[f"{split}_loss"], step)
-            self.writer.add_scalar(f"eval/{split}_bits_per_char", row[f"{split}_bpc"], step)
-            nats = nats_per_char(row[f"{split}_bpc"])
-            self.writer.add_scalar(f"eval/{split}_nats_per_char", nats, step)
-        self.writer.add_scalar(BEST_VAL_TAG, nats_per_char(best_val_bpc), step)
-        # TensorBoard renders text as Markdown; indenting by four spaces keeps it verbatim.
-        self.writer.add_text("sample", "    " + sample.replace("\n", "\n    "), step)
-        self.writer.flush()
+        if not self.working:
+            return
+        with self._stopping_on_failure():
+            for split in ("train", "val"):
+                self.writer.add_scalar(f"eval/{split}_loss", row[f"{split}_loss"], step)
+                self.writer.add_scalar(f"eval/{split}_bits_per_char", row[f"{split}_bpc"], step)
+                nats = nats_per_char(row[f"{split}_bpc"])
+                self.writer.add_scalar(f"eval/{split}_nats_per_char", nats, step)
+            self.writer.add_scalar(BEST_VAL_TAG, nats_per_char(best_val_bpc), step)
+            # TensorBoard renders text as Markdown; four spaces of indent keep it verbatim.
+            self.writer.add_text("sample", "    " + sample.replace("\n", "\n    "), step)
+            self.writer.flush()
 
     def close(self) -> None:
         """Write what is left and close the file."""
-        self.writer.close()
+        if not self.working:
+            return
+        with self._stopping_on_failure():
+            self.writer.close()
+
+    @contextlib.contextmanager
+    def _stopping_on_failure(self) -> Iterator[None]:
+        """Around a write: the first failure says so in one line, and ends the log.
+
+        The log is for reading: a run whose log cannot be written trains on (and a save that
+        fails for the same reason stops it, in one line of its own).
+        """
+        try:
+            yield
+        except OSError as err:
+            self.working = False
+            print(f"warning: TensorBoard's log stopped ({first_line(err)})", file=sys.stderr)
+
+
+def _quiet_writer_threads() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback when its file fails.
+
+    The thread keeps the error, and the writer raises it again on its next call, in this
+    process' own thread, where TensorBoardLog says it in one line.
+    """
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 class Progress:
@@ -291,8 +339,14 @@ def differing_settings(settings: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def duration(seconds: float) -> str:
-    """Seconds as people read them: "48 s", "9.5 min"."""
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    """Seconds as people read them: "48 s", "9.5 min", "3.2 h", "41 days"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 120 * 60:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.0f} days"
 
 
 def runs_table(folders: list[RunFolder]) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from data_handling import CorpusSplits
+from data_handling import CorpusSplits, get_batch
 from hyperparameters import DataConfig, ModelConfig, RunSettings, TrainConfig
 from model_architecture import GPT
 from optimization import Optimizer, learning_rate_at
@@ -51,7 +51,9 @@ from support.devices import (
     StopRequest,
     any_process,
     model_memory,
+    note_random_streams,
     process_rank,
+    put_back_random_streams,
     require_memory,
     sequences_per_pass,
     setup_compute,
@@ -67,6 +69,7 @@ from support.training_log import (
     Progress,
     TensorBoardLog,
     best_evaluation,
+    duration,
     evaluation_row,
     model_sample,
     nats_per_char,
@@ -75,6 +78,8 @@ from support.training_log import (
     write_history,
 )
 from tokenization import Tokenizer
+
+LONG_STEP_S = 60  # a step that takes longer is worth a warning at start
 
 
 class TrainingDiverged(Exception):
@@ -227,6 +232,7 @@ class TrainingSession:
         self.progress: Progress | None = None
         self.stop = StopRequest()
         self.clock_start, self.elapsed_before = 0.0, 0.0
+        self._streams_before: dict[str, Any] = {}
 
     @contextlib.contextmanager
     def open(
@@ -251,7 +257,7 @@ class TrainingSession:
                 self.folder = RunFolder(Path(self.settings.train.out_dir))
                 # One training process per folder: process 0 holds it (the others write nothing).
                 new_run = self.checkpoint is None
-                lock = self.folder.lock(discard_if_empty=new_run) if process_rank() == 0 else None
+                lock = self.folder.lock(discard_if_unsaved=new_run) if process_rank() == 0 else None
                 with lock or contextlib.nullcontext():
                     self.distributed, self.device, self.dtype = setup_compute(self.settings.train)
                     yield self.settings
@@ -371,10 +377,41 @@ class TrainingSession:
         if self.distributed.is_main:
             resumed = state.step if train.resume else None
             board = TensorBoardLog(self.folder.path, self.settings.to_dict(), resumed)
+        self._warn_if_steps_are_long(run)
         self.progress = Progress(train.max_iters, state.step, run.tokens_per_step(), board)
         self.clock_start, self.elapsed_before = time.perf_counter(), state.elapsed_s
         with self.stop, contextlib.closing(self.progress):
             yield
+
+    def _warn_if_steps_are_long(self, run: Trainee) -> None:
+        """Say at start what a step takes when a giant batch makes it many passes long.
+
+        One forward pass, timed without gradients (a training pass costs about three), tells.
+        """
+        train = self.settings.train
+        per_pass = self.sequences_per_pass
+        passes = -(-train.batch_size // per_pass) * train.gradient_accumulation_steps
+        if passes < 2 or not self.distributed.is_main:
+            return
+        block_size = run.model.config.block_size
+        x, y = get_batch(run.splits["train"], per_pass, block_size, torch.Generator(), self.device)
+        run.model.eval()
+        with torch.no_grad():
+            start = time.perf_counter()
+            run.model(x, y)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_s = 3 * (time.perf_counter() - start) * passes
+        run.model.train()
+        if step_s > LONG_STEP_S:
+            steps_left = train.max_iters - self.state.step
+            print(
+                f"warning: a step is {passes:,} passes of {per_pass:,} sequences, about "
+                f"{duration(step_s)} each ({duration(step_s * steps_left)} for {steps_left:,} "
+                "steps); Ctrl-C stops within a pass. Lower --batch_size or "
+                "--gradient_accumulation_steps for shorter steps",
+                file=sys.stderr,
+            )
 
     # --- In the loop -------------------------------------------------------------------------
 
@@ -384,6 +421,7 @@ class TrainingSession:
 
     def evaluation_due(self) -> bool:
         """Every eval_interval steps and at the last, once per step, by process 0 only."""
+        self._note_random_streams()
         step, history = self.state.step, self.state.history
         due = step % self.settings.train.eval_interval == 0 or step == self.settings.train.max_iters
         logged = bool(history) and history[-1]["step"] == step
@@ -418,7 +456,19 @@ class TrainingSession:
 
     def stop_requested(self) -> bool:
         """Whether Ctrl-C or SIGTERM asked any process to stop: all stop at the same step."""
+        self._note_random_streams()
         return any_process(self.stop.requested, self.distributed, self.device)
+
+    def stop_asked_between_passes(self) -> bool:
+        """Whether Ctrl-C or SIGTERM came; always False under torchrun (it stops between steps).
+
+        A step or an evaluation dropped midway is saved as never begun (see save_and_stop).
+        """
+        return self.stop.requested and not self.distributed.enabled
+
+    def _note_random_streams(self) -> None:
+        """The random streams as the evaluation or step about to begin finds them."""
+        self._streams_before = note_random_streams(self.state.batch_generator)
 
     def report_step(self, run: Trainee, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Count the step just taken; every log_interval, show its loss and stop a diverged run."""
@@ -452,8 +502,14 @@ class TrainingSession:
             )
         return 0
 
-    def save_and_stop(self, run: Trainee) -> int:
-        """Save the latest checkpoint after a Ctrl-C, say how to continue; returns the status."""
+    def save_and_stop(self, run: Trainee, step_dropped: bool = False) -> int:
+        """Save the latest checkpoint after a Ctrl-C, say how to continue; returns the status.
+
+        With step_dropped, the evaluation or step that the stop cut short is saved as never
+        begun: its random streams are put back, so --resume takes it exactly as it would have.
+        """
+        if step_dropped:
+            put_back_random_streams(self._streams_before, self.state.batch_generator)
         self._tick()
         self.progress.close()
         if self.distributed.is_main:

@@ -36,6 +36,7 @@ from tools.make_pictures import (
     free_port,
     serving,
     wait_until_stable,
+    wait_until_up,
 )
 
 
@@ -310,3 +311,49 @@ def test_sixteen_concurrent_generations_all_complete(server):
         assert len(text) == len(prompt) + 200  # one character per token
     with urllib.request.urlopen(server, timeout=5) as response:
         assert response.status == 200  # the server is still up
+
+
+def call_api(url: str, name: str, values: list) -> list:
+    """A call of the demo's API with raw JSON (NaN and Infinity included); its last output."""
+    body = json.dumps({"data": values}).encode()  # json writes NaN as NaN, as a browser may not
+    request = urllib.request.Request(
+        f"{url}/gradio_api/call/{name}", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{url}/gradio_api/call/{name}/{event}", timeout=120) as response:
+        stream = response.read().decode()
+    assert "event: error" not in stream, stream
+    return json.loads(stream.strip().splitlines()[-1].removeprefix("data:"))
+
+
+@pytest.mark.slow
+def test_api_values_that_are_not_numbers_get_a_note_not_an_error(checkpoint_path, tmp_path):
+    log = tmp_path / "app.log"
+    port = free_port()
+    command = [sys.executable, str(PROJECT_ROOT / "app.py"), f"--ckpt={checkpoint_path}"]
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [*command, f"--port={port}"], stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(url, process, timeout=90)
+        cases = [
+            ["First", math.nan, "ten", None, 20, 1.5],
+            ["First", 0.8, 5, 1.0, "many", "seed"],
+            [None, None, None, None, None, None],
+            ["\ud800First", math.inf, -1e300, 1e300, 1e300, -5],
+        ]
+        for case in cases:
+            text, note = call_api(url, "generate", case)
+            assert isinstance(text, str)
+            assert text
+            if any(isinstance(v, str) or v is None or v != v for v in case[1:5]):
+                assert "not numbers, so their defaults were used" in note
+        _, note = call_api(url, "attention", [12345])
+        assert "the prompt was not text" in note
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert "Traceback" not in log.read_text()

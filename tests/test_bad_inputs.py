@@ -94,6 +94,13 @@ TRAINING_CASES = [
     ("seed overflows", {"seed": 10**23}, None, 2, ["seed must be in"]),
     ("nan learning rate", {"learning_rate": "nan"}, None, 2, ["finite"]),
     ("out_dir is a file", {"out_dir": "{tmp}/file"}, "file", 2, ["is not a folder"]),
+    (
+        "cache_dir is a file",
+        {"cache_dir": "{tmp}/file"},
+        "file",
+        2,
+        ["--cache_dir", "not a folder"],
+    ),
     ("out_dir is /dev/full", {"out_dir": "/dev/full"}, None, 2, ["is not a folder"]),
     ("out_dir is a loop", {"out_dir": "{tmp}/loop"}, "loop", 2, ["is not a folder"]),
     ("a path with \\n", {"data": "{tmp}/my\\new.txt"}, None, 2, ["my\\new.txt not found"]),
@@ -203,6 +210,18 @@ def test_a_hangup_is_left_alone_under_nohup():
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [("--init_from=gpt2", "keeps the saved run's init_from"), ("--n_embd=64", "n_embd")],
+)
+def test_resume_with_an_option_it_cannot_apply_is_refused(trained, capsys, option, words):
+    out_dir = trained / "out"
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+    argv = [f"--out_dir={out_dir}", f"--data={trained / 'corpus.txt'}", "--resume", option]
+    one_line_error(capsys, run_main(train_model.main, [*argv, "--max_iters=40"]), 2, words)
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before
 
 
 def test_resume_on_another_corpus_is_refused(trained, tmp_path, capsys):

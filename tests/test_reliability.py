@@ -6,6 +6,7 @@ Run alone: python -m pytest tests/test_reliability.py
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,3 +212,122 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, tiny_corpus, capsys)
     argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=10, tokenizer="bpe")
     assert train_model.main([*argv, "--resume"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def giant_batch_argv(workdir: Path, **overrides: object) -> list[str]:
+    """A tiny model whose steps are 2,000 passes of 8 sequences (seconds each)."""
+    options = {"batch_size": 16_000, "sequences_per_pass": 8, "eval_iters": 1, "max_iters": 2}
+    options.update(overrides)
+    return tiny_train_argv(workdir / "out", workdir / "corpus.txt", **options)
+
+
+def final_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.slow
+def test_a_long_step_stops_within_seconds_and_resumes_exactly(workdir, tmp_path):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "corpus.txt").write_text(SMALL_TEXT * 3, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, TRAIN, *giant_batch_argv(reference)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+
+    out_dir = workdir / "out"
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *giant_batch_argv(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: (out_dir / "metrics.jsonl").exists(), timeout=300, interval=0.05)
+    time.sleep(1.0)  # inside step 0's passes
+    process.send_signal(signal.SIGTERM)
+    asked = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - asked < 15, "the stop request waited for the step's end"
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    stopped_at = load_checkpoint(out_dir / "ckpt_last.pth")["step"]
+    assert f"stopped at step {stopped_at}" in stderr
+    assert stopped_at < 2
+
+    resumed = subprocess.run(
+        [sys.executable, TRAIN, *giant_batch_argv(workdir), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    ours = final_weights(out_dir / "ckpt_last.pth")
+    theirs = final_weights(reference / "out" / "ckpt_last.pth")
+    for name, tensor in theirs.items():
+        assert torch.allclose(ours[name], tensor, atol=1e-6), name
+
+
+def test_a_long_step_is_announced_at_start(tmp_path, tiny_corpus, capsys, monkeypatch):
+    from support import training_session
+
+    monkeypatch.setattr(training_session, "LONG_STEP_S", 0.0)  # every step counts as long
+    argv = tiny_train_argv(tmp_path / "out", tiny_corpus, batch_size=64, sequences_per_pass=8)
+    assert train_model.main([*argv, "--max_iters=2"]) == 0
+    warning = capsys.readouterr().err
+    assert "warning: a step is 8 passes of 8 sequences, about" in warning
+    assert "Lower --batch_size" in warning
+
+
+def test_a_step_stopped_midway_changes_no_weight(tmp_path, tiny_corpus):
+    from conftest import build_training
+
+    argv = tiny_train_argv(tmp_path / "out", tiny_corpus, batch_size=32, sequences_per_pass=4)
+    run, state, _ = build_training(argv)
+    before = {name: p.detach().clone() for name, p in run.model.named_parameters()}
+    asked = iter([False, False, False, True])  # the stop comes before the step's fourth pass
+    run.stop_asked = lambda: next(asked)
+    with pytest.raises(train_model.StoppedMidway):
+        train_model.train_step(run, state)
+    for name, p in run.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+        assert p.grad is None, name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_compiling_ends_in_one_line_and_leaves_no_folder(workdir, sig):
+    out_dir = workdir / "out"
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *big_run_argv(workdir, compile="true")],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:  # the model is built: torch.compile comes next
+        if line.startswith("global batch"):
+            break
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("train_model.py: interrupted"), stderr
+    assert "Traceback" not in stderr
+    assert not out_dir.exists()
+
+
+def test_a_run_folder_deleted_during_training_is_written_again(workdir):
+    out_dir = workdir / "out"
+    process = start_training(workdir)
+    wait_for(lambda: (out_dir / "ckpt_last.pth").exists(), interval=0.05)
+    shutil.rmtree(out_dir)
+    wait_for(lambda: (out_dir / "ckpt_last.pth").exists(), interval=0.05)  # the next save
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "Exception in thread" not in stderr  # TensorBoard's writer thread
+    assert "warning: TensorBoard's log stopped" in stderr
+    step = load_checkpoint(out_dir / "ckpt_last.pth")["step"]
+    assert f"stopped at step {step}" in stderr

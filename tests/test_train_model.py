@@ -96,7 +96,8 @@ def test_the_memory_check_counts_one_pass_of_activations_and_the_whole_batchs_id
     in_passes = training_memory(config, batch_size=64, sequences_per_pass=8)
     assert training_memory(config, batch_size=64, sequences_per_pass=64) > 4 * in_passes
     more_sequences = training_memory(config, batch_size=128, sequences_per_pass=8)
-    assert more_sequences - in_passes == 2 * 8 * 64 * config.block_size  # int64 ids and targets
+    # The gathered windows, then inputs and targets, as int64.
+    assert more_sequences - in_passes == 3 * 8 * 64 * (config.block_size + 1)
 
 
 def test_a_cpu_takes_passes_of_at_most_2048_tokens_and_a_gpu_the_whole_batch():

@@ -8,6 +8,7 @@ Run alone: python -m pytest tests/test_training_log.py
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,19 @@ def test_settings_are_recorded_for_people_and_for_comparison(tmp_path, tiny_corp
     settings = json.loads((out_dir / "config.json").read_text())
     assert RunFolder(out_dir).read_settings() == settings
     assert settings["train"]["out_dir"] == str(out_dir)
+
+
+def test_rows_with_numbers_that_are_not_finite_are_skipped(tmp_path, capsys):
+    from support.training_log import read_history
+
+    good = {"step": 0, "train_loss": 4.0, "val_loss": 4.1, "train_bpc": 5.8, "val_bpc": 5.9}
+    good["elapsed_s"] = 1.0
+    lines = [
+        good,
+        {**good, "step": 10, "val_bpc": math.nan},
+        {**good, "step": 20, "elapsed_s": 1e999},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    assert [row["step"] for row in read_history(path)] == [0]
+    assert "skipped 2 damaged line(s)" in capsys.readouterr().err
