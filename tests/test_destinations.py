@@ -117,14 +117,7 @@ def hf_folder(folder: Path) -> None:
     (folder / "model.safetensors").write_bytes(b"weights")
 
 
-@pytest.mark.parametrize("overwrite", [False, True])
-@pytest.mark.parametrize(
-    "out_dir",
-    ["hf_model", "out/run/hf", "out", ".", "mine", "run_with_a_note"],
-)
-def test_training_refuses_a_folder_holding_files_it_did_not_write(
-    workdir, tiny_corpus, capsys, out_dir, overwrite
-):
+def test_training_refuses_a_folder_holding_files_it_did_not_write(workdir, tiny_corpus, capsys):
     hf_folder(workdir / "hf_model")
     assert export_model.main(["--out_dir=out/run"]) == 0  # out/run/hf
     (workdir / "mine").mkdir()
@@ -133,9 +126,11 @@ def test_training_refuses_a_folder_holding_files_it_did_not_write(
     (workdir / "run_with_a_note" / "notes.md").write_text("why this run", encoding="utf-8")
     capsys.readouterr()
     before = snapshot(workdir)
-    argv = tiny_train_argv(workdir / out_dir, tiny_corpus, max_iters=2)
-    status = train_model.main([*argv, *(["--overwrite"] if overwrite else [])])
-    refused(status, capsys, "holds files that are not a training run's")
+    for out_dir in ["hf_model", "out/run/hf", "out", ".", "mine", "run_with_a_note"]:
+        for overwrite in ([], ["--overwrite"]):
+            argv = tiny_train_argv(workdir / out_dir, tiny_corpus, max_iters=2)
+            status = train_model.main([*argv, *overwrite])
+            refused(status, capsys, "holds files that are not a training run's")
     assert snapshot(workdir) == before
 
 
