@@ -436,25 +436,30 @@ def print_report(results: dict[str, Any]) -> None:
             f"({row['first_token_full_block_ms']:.1f} ms after a full block){reads}{compiling}, "
             f"peak RSS {row['peak_rss_mb']:,.0f} MB"
         )
-    tokenizer = results.get("tokenizer")
-    if tokenizer:
-        print(
-            f"tokenizer: learning {TOKENIZER_VOCAB_SIZE:,} tokens from the training split "
-            f"{tokenizer['learn_s']:.2f} s; encoding the corpus ({tokenizer['corpus_chars']:,} "
-            f"characters, {tokenizer['corpus_tokens']:,} tokens) "
-            f"{tokenizer['encode_corpus_s']:.3f} s"
-        )
-        print(
-            f"tokenizer, first {REFERENCE_CHARS:,} characters: learning 512 tokens "
-            f"{tokenizer['piece_learn_512_library_s']:.3f} s (library), "
-            f"{tokenizer['piece_learn_512_reference_s']:.2f} s (reference); encoding "
-            f"{tokenizer['piece_encode_library_s']:.4f} s (library), "
-            f"{tokenizer['piece_encode_reference_s']:.3f} s (reference)"
-        )
+    print_tokenizer_figures(results.get("tokenizer"))
     for name, value in results.get("full_validation", {}).items():
         print(f"whole validation split: {name} = {value:.4f}")
     for target, seconds in results.get("quality", {}).items():
         print(f"quality {target}: {seconds if seconds is not None else 'not reached'}")
+
+
+def print_tokenizer_figures(tokenizer: dict[str, Any] | None) -> None:
+    """The tokenizer figures, if measured: learning and encoding, library and reference."""
+    if not tokenizer:
+        return
+    print(
+        f"tokenizer: learning {TOKENIZER_VOCAB_SIZE:,} tokens from the training split "
+        f"{tokenizer['learn_s']:.2f} s; encoding the corpus ({tokenizer['corpus_chars']:,} "
+        f"characters, {tokenizer['corpus_tokens']:,} tokens) "
+        f"{tokenizer['encode_corpus_s']:.3f} s"
+    )
+    print(
+        f"tokenizer, first {REFERENCE_CHARS:,} characters: learning 512 tokens "
+        f"{tokenizer['piece_learn_512_library_s']:.3f} s (library), "
+        f"{tokenizer['piece_learn_512_reference_s']:.2f} s (reference); encoding "
+        f"{tokenizer['piece_encode_library_s']:.4f} s (library), "
+        f"{tokenizer['piece_encode_reference_s']:.3f} s (reference)"
+    )
 
 
 def run_file(given: str, pick: Callable[[RunFolder], Path]) -> Path:
