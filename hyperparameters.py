@@ -160,6 +160,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = setting(
         "auto", "auto tries cuda, then mps, then cpu"
     )
+    processes: int = setting(
+        1,
+        "training processes on this machine, each on batches of its own with the gradients "
+        "averaged: a step learns from processes x batch_size x gradient_accumulation_steps "
+        "sequences; one GPU each on CUDA (several machines: torchrun, see "
+        "docs/multiple-processes.md)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "auto: bfloat16 (or float16) autocast on CUDA, float32 elsewhere"
     )
@@ -190,6 +197,7 @@ class TrainConfig:
             "eval_interval",
             "eval_iters",
             "log_interval",
+            "processes",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:

@@ -147,25 +147,10 @@ def load_gpt2_ranks(path: Path = GPT2_RANKS_PATH) -> dict[bytes, int]:
     return ranks
 
 
-class BPETokenizer:
-    """GPT-2's byte-pair encoding (50,257 ids), built locally by tiktoken."""
+class TiktokenVocabulary:
+    """What the byte-pair vocabularies share: tiktoken encodes and decodes with their ranks."""
 
-    kind = "bpe"
-
-    def __init__(self, ranks_path: Path = GPT2_RANKS_PATH) -> None:
-        ranks = load_gpt2_ranks(ranks_path)
-        self.encoding = tiktoken.Encoding(
-            name="gpt2",
-            pat_str=GPT2_SPLIT_PATTERN,
-            mergeable_ranks=ranks,
-            special_tokens={"<|endoftext|>": GPT2_END_OF_TEXT},
-        )
-        self.vocab_size = self.encoding.n_vocab
-        self.byte_ids = [ranks[bytes([byte])] for byte in range(256)]  # every byte's own token
-
-    def describe(self) -> str:
-        """The vocabulary in a few words, for people."""
-        return f"GPT-2 byte-pair encoding ({self.vocab_size:,} tokens)"
+    encoding: tiktoken.Encoding  # set by each vocabulary from its own ranks
 
     def encode(self, text: str) -> list[int]:
         """Text to ids. "<|endoftext|>" inside the text is treated as ordinary characters."""
@@ -187,6 +172,27 @@ class BPETokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one token; a character may span two tokens."""
         return self.encoding.decode_single_token_bytes(token_id)
+
+
+class BPETokenizer(TiktokenVocabulary):
+    """GPT-2's byte-pair encoding (50,257 ids), built locally by tiktoken."""
+
+    kind = "bpe"
+
+    def __init__(self, ranks_path: Path = GPT2_RANKS_PATH) -> None:
+        ranks = load_gpt2_ranks(ranks_path)
+        self.encoding = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=GPT2_SPLIT_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens={"<|endoftext|>": GPT2_END_OF_TEXT},
+        )
+        self.vocab_size = self.encoding.n_vocab
+        self.byte_ids = [ranks[bytes([byte])] for byte in range(256)]  # every byte's own token
+
+    def describe(self) -> str:
+        """The vocabulary in a few words, for people."""
+        return f"GPT-2 byte-pair encoding ({self.vocab_size:,} tokens)"
 
     def to_dict(self) -> dict[str, Any]:
         """The description stored in a checkpoint: the encoding's name and ranks digest."""
@@ -412,7 +418,7 @@ def token_bytes_of(merges: list[tuple[int, int]]) -> list[bytes]:
     return vocabulary
 
 
-class TrainedBPETokenizer:
+class TrainedBPETokenizer(TiktokenVocabulary):
     """A byte-pair vocabulary learned from a training text: 256 byte tokens and the merges.
 
     Any text encodes (bytes that no merge joined stay byte tokens) and decodes back exactly.
@@ -440,27 +446,6 @@ class TrainedBPETokenizer:
     def describe(self) -> str:
         """The vocabulary in a few words, for people."""
         return f"byte-pair encoding learned from the training text ({self.vocab_size:,} tokens)"
-
-    def encode(self, text: str) -> list[int]:
-        """Text to ids."""
-        check_unicode(text, "the text")
-        return self.encoding.encode_ordinary(text)
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """A whole corpus to uint16 ids, a piece at a time."""
-        return encode_in_pieces(self.encoding, text)
-
-    def count_chars(self, ids: torch.Tensor) -> int:
-        """How many characters the ids decode to."""
-        return count_decoded_chars(self.encoding, ids)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids to text (bytes that are not valid UTF-8 become U+FFFD)."""
-        return self.encoding.decode(list(ids))
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of one token; a character may span two tokens."""
-        return self.vocabulary[token_id]
 
     def to_dict(self) -> dict[str, Any]:
         """The description stored in a checkpoint: the merges, in the order they were learned."""

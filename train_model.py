@@ -36,7 +36,7 @@ from optimization import Optimizer, learning_rate_at, make_optimizer, model_to_k
 from support.checkpoint import TrainingState
 from support.command_line import build_parser
 from support.common import UserFacingError, print_error
-from support.devices import Distributed, autocast_context, wrap_model
+from support.devices import Distributed, ProcessLost, autocast_context, wrap_model
 from support.fast_paths import for_training
 from support.training_session import TrainingDiverged, TrainingSession
 
@@ -120,7 +120,9 @@ def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tens
         )
         passes = in_passes(x, y, run.sequences_per_pass)
         for pass_number, (pass_x, pass_y) in enumerate(passes):
-            if run.stop_asked():  # the step is dropped: its gradients are never applied
+            # The loop asked just before the step; asking again before each later pass lets a
+            # long step stop within seconds. It is dropped: its gradients are never applied.
+            if (micro_step, pass_number) != (0, 0) and run.stop_asked():
                 run.optimizer.zero_grad(set_to_none=True)
                 raise StoppedMidway
             # Across processes, gradients are averaged once per step, after the last pass.
@@ -250,11 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     session = TrainingSession(PROG)
     try:
         with session.open(command_line(), argv):  # settings, the run folder's lock, the device
+            if session.starts_processes():  # --processes=N: N processes train; this one waits
+                return session.run_processes(__file__, argv)
             return train(build_run(session), session)
     except UserFacingError as err:
         print_error(PROG, err)
         return 2
-    except (TrainingDiverged, OSError) as err:  # OSError: e.g. a full disk while saving
+    # OSError: e.g. a full disk while saving; ProcessLost: another process of the job ended.
+    except (TrainingDiverged, OSError, ProcessLost) as err:
         print_error(PROG, err)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: quit at once

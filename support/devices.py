@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import platform
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -276,6 +277,28 @@ def wait_for_all(context: Distributed) -> None:
         dist.barrier()
 
 
+class ProcessLost(Exception):
+    """Another process of the job ended (killed, or failed first): this one cannot go on alone."""
+
+
+# What gloo and NCCL say when a peer's connection breaks (as RuntimeError, or DistError).
+LOST_PEER_WORDS = ("Connection", "connection", "Broken pipe", "gloo", "NCCL", "peer")
+
+
+def as_process_lost(err: RuntimeError, context: Distributed) -> ProcessLost | None:
+    """The one-line story of a collective that failed because a peer is gone; None otherwise."""
+    if not context.enabled:
+        return None
+    if not isinstance(err, dist.DistError) and not any(w in str(err) for w in LOST_PEER_WORDS):
+        return None
+    # "[.../gloo/transport/tcp/pair.cc:537] Read error [...]: Connection reset by peer. This..."
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]
+    return ProcessLost(
+        f"another training process ended ({reason}), so process {context.rank} stops too; "
+        "checkpoints saved so far are intact (continue with --resume)"
+    )
+
+
 def any_process(flag: bool, context: Distributed, device: torch.device) -> bool:
     """True if the flag is set in any process, so that all of them act on it together."""
     if not context.enabled:
@@ -442,4 +465,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (press Ctrl-C again to quit at once)", file=sys.stderr)
+        if process_rank() == 0:  # every process of a job hears it; one says so
+            print(
+                "\nstopping: saving the last finished step (press Ctrl-C again to quit at once)",
+                file=sys.stderr,
+            )

@@ -145,6 +145,7 @@ def model_config_from_gpt2(hf: dict[str, Any], base: ModelConfig, source: str) -
         problems.append("layer_norm_epsilon is not 1e-5")
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("tie_word_embeddings", True):
         problems.append("its attention scaling or untied head differ from GPT-2's")
+    problems += quantization_problems(hf)
     if base.block_size > n_positions:
         problems.append(f"block_size {base.block_size} exceeds its {n_positions} positions")
     if problems:
@@ -155,6 +156,22 @@ def model_config_from_gpt2(hf: dict[str, Any], base: ModelConfig, source: str) -
         )
     except ValueError as err:
         raise UserFacingError(f"--init_from {source}: {err}") from None
+
+
+FLOAT_DTYPES = (None, "auto", "float32", "float16", "bfloat16", "float64")
+
+
+def quantization_problems(hf: dict[str, Any]) -> list[str]:
+    """What in a config.json says that its weights are not floating-point numbers."""
+    problems = []
+    quantized = hf.get("quantization_config")
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized
+        problems.append(f"its weights are quantized ({method!r:.40}), not floating-point")
+    for key in ("torch_dtype", "dtype"):
+        if hf.get(key) not in FLOAT_DTYPES:
+            problems.append(f"its {key} is {hf[key]!r:.40}, not floating-point")
+    return problems
 
 
 def _whole_number(hf: dict[str, Any], name: str, source: str) -> int:
@@ -213,7 +230,13 @@ def load_gpt2_weights(model: GPT, weights: dict[str, torch.Tensor], tokenizer: T
         if theirs not in weights:
             raise UserFacingError(f"the GPT-2 weights lack {theirs}")
         tensor = weights[theirs]
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():  # int8 or int4: quantized, and needs its scales
+            raise UserFacingError(
+                f"the GPT-2 weight {theirs} is stored as {str(tensor.dtype).removeprefix('torch.')}"
+                ", not as floating-point numbers (a quantized model?); --init_from needs the "
+                "float32, float16 or bfloat16 model"
+            )
+        if not torch.isfinite(tensor).all():
             raise UserFacingError(f"the GPT-2 weight {theirs} is not all finite numbers")
         if conv1d and tensor.dim() == 2:
             tensor = tensor.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)

@@ -50,6 +50,7 @@ from support.devices import (
     Distributed,
     StopRequest,
     any_process,
+    as_process_lost,
     model_memory,
     note_random_streams,
     process_rank,
@@ -64,6 +65,12 @@ from support.devices import (
     wait_for_all,
 )
 from support.hugging_face import PretrainedGPT2, load_gpt2_weights, pretrained_gpt2, read_weights
+from support.launcher import (
+    check_processes,
+    run_processes,
+    starts_processes,
+    stop_with_the_launcher,
+)
 from support.run_folder import RunFolder, chosen_run, folder_for_new_run, mark_latest
 from support.training_log import (
     Progress,
@@ -157,8 +164,9 @@ def read_settings(
             "--resume continues a run and --overwrite replaces it with a new one; give one"
         )
     if not train_config.resume:
-        # Under torchrun, process 0 creates the folder; the others write nothing there.
-        claim = process_rank() == 0
+        # Under torchrun, process 0 creates the folder; the others write nothing there (nor
+        # does the process that starts them with --processes).
+        claim = process_rank() == 0 and not starts_processes(train_config.processes)
         folder = folder_for_new_run(train_config.out_dir, train_config.overwrite, claim)
         train_config = dataclasses.replace(train_config, out_dir=str(folder.path))
         return RunSettings(model=model_config, data=data_config, train=train_config), None
@@ -233,6 +241,7 @@ class TrainingSession:
         self.stop = StopRequest()
         self.clock_start, self.elapsed_before = 0.0, 0.0
         self._streams_before: dict[str, Any] = {}
+        self._evaluating = False  # process 0 evaluates alone: see stop_asked_between_passes
 
     @contextlib.contextmanager
     def open(
@@ -248,9 +257,15 @@ class TrainingSession:
         try:
             # Until the loop's StopRequest makes them ask for a save.
             with stop_signals_interrupt():
+                stop_with_the_launcher()
                 if process_rank() > 0:
                     sys.stdout = ForgivingStream(open(os.devnull, "w"))  # noqa: SIM115 - for good
                 self.settings, self.checkpoint = read_settings(parser, argv)
+                check_processes(self.settings.train.processes, self.settings.train.device)
+                if self.starts_processes():  # they hold the folder and the device, not this one
+                    self.checkpoint = None
+                    yield self.settings
+                    return
                 # The run's identity: a resumed run's own, else (new, or older) a new one.
                 saved_id = self.checkpoint.get("run_id") if self.checkpoint is not None else ""
                 self.run_id = saved_id or uuid.uuid4().hex
@@ -261,9 +276,23 @@ class TrainingSession:
                 with lock or contextlib.nullcontext():
                     self.distributed, self.device, self.dtype = setup_compute(self.settings.train)
                     yield self.settings
+        except RuntimeError as err:  # under torchrun: a collective whose peer is gone?
+            lost = as_process_lost(err, self.distributed)
+            if lost is None:
+                raise
+            raise lost from None
         finally:
             shutdown_distributed()
             sys.stdout, sys.stderr = streams
+
+    def starts_processes(self) -> bool:
+        """Whether this process starts --processes training processes instead of training."""
+        return starts_processes(self.settings.train.processes)
+
+    def run_processes(self, script: str, argv: list[str] | None) -> int:
+        """Train with --processes processes of `script` on this machine; returns the status."""
+        given = sys.argv[1:] if argv is None else argv
+        return run_processes(self.prog, script, given, self.settings.train.processes)
 
     # --- Before the loop ---------------------------------------------------------------------
 
@@ -425,7 +454,8 @@ class TrainingSession:
         step, history = self.state.step, self.state.history
         due = step % self.settings.train.eval_interval == 0 or step == self.settings.train.max_iters
         logged = bool(history) and history[-1]["step"] == step
-        return due and not logged and self.distributed.is_main
+        self._evaluating = due and not logged and self.distributed.is_main
+        return self._evaluating
 
     def record_evaluation(self, losses: dict[str, float], run: Trainee) -> None:
         """Log the losses (metrics.jsonl, the plot, TensorBoard, a line) and save checkpoints."""
@@ -457,14 +487,20 @@ class TrainingSession:
     def stop_requested(self) -> bool:
         """Whether Ctrl-C or SIGTERM asked any process to stop: all stop at the same step."""
         self._note_random_streams()
+        self._evaluating = False
         return any_process(self.stop.requested, self.distributed, self.device)
 
     def stop_asked_between_passes(self) -> bool:
-        """Whether Ctrl-C or SIGTERM came; always False under torchrun (it stops between steps).
+        """Whether Ctrl-C or SIGTERM came, for a long step or evaluation to stop midway.
 
-        A step or an evaluation dropped midway is saved as never begun (see save_and_stop).
+        Under torchrun, every process must drop the same pass of a step: they agree on it (a
+        one-number message each). Process 0 evaluates alone, so it decides alone while the
+        others wait for it at their stop check. A step or an evaluation dropped midway is
+        saved as never begun (see save_and_stop).
         """
-        return self.stop.requested and not self.distributed.enabled
+        if self._evaluating or not self.distributed.enabled:
+            return self.stop.requested
+        return any_process(self.stop.requested, self.distributed, self.device)
 
     def _note_random_streams(self) -> None:
         """The random streams as the evaluation or step about to begin finds them."""
@@ -510,6 +546,8 @@ class TrainingSession:
         """
         if step_dropped:
             put_back_random_streams(self._streams_before, self.state.batch_generator)
+        if step_dropped and self._evaluating:  # the others wait at their stop check: stop them
+            any_process(True, self.distributed, self.device)
         self._tick()
         self.progress.close()
         if self.distributed.is_main:

@@ -105,6 +105,10 @@ TRAINING_CASES = [
     ("out_dir is a loop", {"out_dir": "{tmp}/loop"}, "loop", 2, ["is not a folder"]),
     ("a path with \\n", {"data": "{tmp}/my\\new.txt"}, None, 2, ["my\\new.txt not found"]),
     ("unknown attention", {"attention": "evil"}, None, 2, ["invalid choice"]),
+    ("no processes", {"processes": 0}, None, 2, ["processes must be >= 1"]),
+    # With --processes, the settings are checked once, before any process starts.
+    ("two processes, a bad number", {"processes": 2, "n_layer": "x"}, None, 2, ["--n_layer"]),
+    ("two processes, a nan", {"processes": 2, "learning_rate": "nan"}, None, 2, ["finite"]),
     (
         "a learned vocabulary of 100",
         {"tokenizer": "bpe", "bpe_vocabulary": "trained", "bpe_vocab_size": 100},
@@ -168,6 +172,23 @@ def test_a_torchrun_job_without_its_rendezvous(tmp_path, tiny_corpus, capsys, mo
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     status = train_model.main(tiny_train_argv(tmp_path / "out", tiny_corpus))
     one_line_error(capsys, status, 2, "cannot join the torchrun job", "torchrun")
+
+
+def test_more_processes_than_gpus_are_refused(tmp_path, tiny_corpus, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = tiny_train_argv(tmp_path / "out", tiny_corpus, device="cuda", processes=2)
+    one_line_error(capsys, train_model.main(argv), 2, "needs a GPU each", "this machine has 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_processes_that_torchrun_did_not_start_are_refused(
+    tmp_path, tiny_corpus, capsys, monkeypatch
+):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    argv = tiny_train_argv(tmp_path / "out", tiny_corpus, processes=3)
+    one_line_error(capsys, train_model.main(argv), 2, "--processes=3", "torchrun started 2")
 
 
 HOLD_THE_LOCK = """

@@ -1,4 +1,5 @@
-"""Training with several processes through torchrun (gloo on CPU): two ranks on this machine.
+"""Training with several processes (gloo on CPU): two ranks on this machine, started by
+train_model.py --processes=2 or by torchrun.
 
 Run alone: python -m pytest tests/test_distributed.py
 """
@@ -6,6 +7,7 @@ Run alone: python -m pytest tests/test_distributed.py
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT, SMALL_TEXT, tiny_train_argv
+from support.checkpoint import load_checkpoint
 
 TRAIN = str(PROJECT_ROOT / "train_model.py")
 GENERATE = str(PROJECT_ROOT / "generate_text.py")
@@ -33,8 +36,8 @@ def run(command: list[str], cwd: Path, timeout: float = 240) -> subprocess.Compl
 def runs(tmp_path_factory) -> dict[str, Path]:
     """The same training as 2 processes x batch 8 and as 1 process x batch 16 (dropout 0).
 
-    The two processes take their batches in passes of 3, 3 and 2 sequences, so gradients are
-    averaged across processes only after the last pass.
+    The two processes (started by --processes=2) take their batches in passes of 3, 3 and 2
+    sequences, so gradients are averaged across processes only after the last pass.
     """
     workdir = tmp_path_factory.mktemp("ddp")
     corpus = workdir / "corpus.txt"
@@ -42,7 +45,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     common = {"max_iters": 12, "eval_interval": 4, "eval_iters": 4, "learning_rate": 3e-3}
     started = time.perf_counter()
     two = run(
-        [*TORCHRUN, "--nproc_per_node=2", TRAIN,
+        [sys.executable, TRAIN, "--processes=2",
          *tiny_train_argv(workdir / "two", corpus, batch_size=8, sequences_per_pass=3,
                           **common)],
         cwd=workdir,
@@ -86,7 +89,7 @@ def test_checkpoint_of_two_processes_loads_in_generate_text(runs):
 
 
 @pytest.mark.slow
-def test_resume_under_torchrun(runs):
+def test_resume_under_torchrun(runs):  # of the run that --processes=2 started
     corpus = runs["workdir"] / "corpus.txt"
     argv = tiny_train_argv(runs["two"], corpus, batch_size=8, max_iters=16, eval_interval=4,
                            eval_iters=4, learning_rate=3e-3)  # fmt: skip
@@ -157,6 +160,101 @@ def test_a_rank_that_dies_mid_training_ends_the_whole_job(tmp_path):
     assert job.returncode != 0
     assert "Root Cause" in stderr  # torchrun's report names the rank that failed first
     assert "rank      : 1" in stderr
+    # Process 0 says in one line why it stopped; the only traceback is torchrun's own report.
+    # (torchrun may also send it SIGTERM twice before it finds rank 1 gone: it then quits.)
+    assert "[rank0]" not in stderr, stderr
+    ends = ("another training process ended", "interrupted; the last checkpoint is intact")
+    assert any(end in stderr for end in ends), stderr
+
+
+def start_two_processes(tmp_path: Path, **options: object) -> subprocess.Popen:
+    """train_model.py --processes=2 on a tiny model, its output in pipes."""
+    (tmp_path / "corpus.txt").write_text(SMALL_TEXT * 3, encoding="utf-8")
+    argv = tiny_train_argv(tmp_path / "out", tmp_path / "corpus.txt", **options)
+    return subprocess.Popen(
+        [sys.executable, TRAIN, "--processes=2", *argv],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_line(process: subprocess.Popen, words: str, timeout: float = 120) -> None:
+    """Read the process's output until a line holding `words` comes."""
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        if words in line:
+            return
+        assert time.monotonic() < deadline, f"no line with {words!r}"
+    raise AssertionError(f"the output ended without {words!r}")
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """The lines a user reads (the progress bar's redraws left out)."""
+    lines = stderr.replace("\r", "\n").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("training:")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the worker through /proc")
+def test_a_process_killed_under_processes_ends_the_job_in_one_line_each(tmp_path):
+    job = start_two_processes(tmp_path, max_iters=100_000, eval_interval=50)
+    wait_for_line(job, "step 50:")
+    victim = worker_with_rank(job.pid, rank=1)
+    assert victim is not None
+    subprocess.run(["kill", "-9", str(victim)], check=True)
+    _, stderr = job.communicate(timeout=90)
+    assert job.returncode == 1
+    assert "Traceback" not in stderr
+    lines = stderr_lines(stderr)
+    assert len(lines) == 2, lines
+    assert "another training process ended" in lines[0]
+    assert "process 1 of 2 failed first (killed by SIGKILL)" in lines[1]
+    assert load_checkpoint(tmp_path / "out" / "ckpt_last.pth")["step"] >= 50  # intact
+
+
+# 5,000 passes a step: about 20 s a step, 12 s an evaluation of 4 batches a split, on 2 cores.
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the workers through /proc")
+def test_the_processes_save_and_stop_when_their_launcher_is_killed(tmp_path):
+    job = start_two_processes(tmp_path, max_iters=100_000, eval_interval=50)
+    wait_for_line(job, "step 50:")
+    workers = [worker_with_rank(job.pid, rank) for rank in (0, 1)]
+    assert None not in workers
+    job.kill()
+    job.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "the processes trained on without their launcher"
+        time.sleep(0.2)
+    stopped = load_checkpoint(tmp_path / "out" / "ckpt_last.pth")["step"]
+    assert stopped > 50  # saved when they stopped, not only at the last evaluation
+
+
+GIANT_STEP = {"batch_size": 20_000, "sequences_per_pass": 4, "max_iters": 5}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("moment", "options", "sig"),
+    [
+        ("evaluation", {"eval_iters": 4}, "SIGINT"),
+        ("step", {"eval_iters": 1}, "SIGTERM"),
+    ],
+)
+def test_two_processes_stop_within_seconds_whatever_the_step(tmp_path, moment, options, sig):
+    job = start_two_processes(tmp_path, **GIANT_STEP, **options)
+    wait_for_line(job, "global batch" if moment == "evaluation" else "step 0:")
+    time.sleep(2)  # well inside the evaluation or step 0
+    job.send_signal(getattr(signal, sig))
+    asked = time.monotonic()
+    _, stderr = job.communicate(timeout=60)
+    assert time.monotonic() - asked < 15, "the stop waited for the step's end"
+    assert job.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "stopped at step 0" in stderr
+    assert load_checkpoint(tmp_path / "out" / "ckpt_last.pth")["step"] == 0
 
 
 @pytest.mark.slow

@@ -150,6 +150,7 @@ def write_gpt2_folder(folder: Path, config: dict, tensors: dict[str, torch.Tenso
         ("char tokenizer", "needs --tokenizer=bpe"),
         ("damaged config", "layer_norm_epsilon is not 1e-5"),
         ("not finite", "is not all finite numbers"),
+        ("int8 weights", "is stored as int8, not as floating-point numbers"),
         ("three-dimensional weight", "has shape"),
     ],
 )
@@ -177,12 +178,14 @@ def test_bad_pretrained_models_are_one_line_errors(
         block_size = 128
     elif damage == "char tokenizer":
         tokenizer = CharTokenizer.from_text(SMALL_TEXT)
-    elif damage in ("not finite", "three-dimensional weight"):
+    elif damage in ("not finite", "int8 weights", "three-dimensional weight"):
         tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
         tensors.pop("lm_head.weight")
         name = "transformer.h.0.attn.c_attn.weight"
         if damage == "not finite":
             tensors[name] = tensors[name].clone().fill_(float("nan"))
+        elif damage == "int8 weights":  # as an 8-bit quantization stores them, scales aside
+            tensors[name] = (tensors[name] * 127).round().to(torch.int8)
         else:
             tensors[name] = tensors[name].unsqueeze(0).contiguous()
         source = write_gpt2_folder(tmp_path / "m", config, tensors)
@@ -201,6 +204,12 @@ def test_bad_pretrained_models_are_one_line_errors(
         ({"n_layer": "12"}, "n_layer must be a whole number >= 1"),
         ({"n_head": 0}, "n_head must be a whole number >= 1, got 0"),
         ({"n_positions": None}, "n_positions must be a whole number >= 1, got None"),
+        (
+            {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
+            "its weights are quantized ('bitsandbytes'), not floating-point",
+        ),
+        ({"torch_dtype": "int8"}, "its torch_dtype is 'int8', not floating-point"),
+        ({"dtype": ["float32"]}, "its dtype is ['float32'], not floating-point"),
     ],
 )
 def test_a_config_with_values_of_the_wrong_kind_is_one_line(change, words):

@@ -1,0 +1,197 @@
+"""Several training processes on one machine, started by train_model.py itself (--processes).
+
+    python train_model.py --processes=2 --device=cpu
+
+This process checks the settings once, starts the training processes with the environment
+torchrun would give them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), passes
+every stop signal on, and waits. When one process fails, it stops the others and says in one
+line which failed first, where torchrun would print its report as a Python traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+
+import torch
+
+from support.common import UserFacingError
+from support.devices import resolve_device, stop_signals, torchrun_variable
+
+LAUNCHER_VARIABLE = "MINI_GPT_LAUNCHER_PID"  # set for the processes that --processes starts
+NOTICE_S = 5.0  # how long the others get to find a failed process gone, and end by themselves
+GRACE_S = 15.0  # how long stopped processes get to save and leave before they are killed
+POLL_S = 0.05
+
+
+def started_by_a_launcher() -> bool:
+    """Whether torchrun (or train_model.py --processes) started this process: it set RANK."""
+    return "RANK" in os.environ
+
+
+def starts_processes(processes: int) -> bool:
+    """Whether this process should start `processes` training processes rather than train."""
+    return processes > 1 and not started_by_a_launcher()
+
+
+def check_processes(processes: int, requested_device: str) -> None:
+    """Refuse a --processes that this machine, or the launcher that started us, cannot honour."""
+    if started_by_a_launcher():
+        started = torchrun_variable("LOCAL_WORLD_SIZE", 1)
+        if processes not in (1, started):
+            raise UserFacingError(
+                f"--processes={processes}, but torchrun started {started} processes on this "
+                "machine; under torchrun leave --processes out (or set it to 1)"
+            )
+        return
+    if processes == 1:
+        return
+    device = resolve_device(requested_device)
+    if device.type == "mps":
+        raise UserFacingError("several processes train on cuda or cpu; add --device=cpu")
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        raise UserFacingError(
+            f"--processes={processes} needs a GPU each, and this machine has "
+            f"{torch.cuda.device_count()}; lower --processes, or add --device=cpu"
+        )
+
+
+def free_port() -> int:
+    """A TCP port that no one listens on now, for process 0 to gather the others on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def worker_environment(rank: int, processes: int, port: int) -> dict[str, str]:
+    """What torchrun would set for process `rank` of a job on this machine alone."""
+    environment = dict(os.environ)
+    # Each process computes on its share of the cores, unless the user chose (as torchrun does).
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    environment.setdefault("OMP_NUM_THREADS", str(threads))
+    environment.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(processes),
+        LOCAL_WORLD_SIZE=str(processes),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    environment[LAUNCHER_VARIABLE] = str(os.getpid())
+    return environment
+
+
+def stop_with_the_launcher() -> None:
+    """In a process that --processes started: stop (as SIGTERM does) if the launcher dies.
+
+    Its Ctrl-C and SIGTERM reach the processes through it; were it killed outright, they would
+    otherwise train on unseen, holding the run folder. A thread looks for it every second.
+    """
+    launcher = os.environ.get(LAUNCHER_VARIABLE)
+    if launcher is None:
+        return
+
+    def watch() -> None:
+        while str(os.getppid()) == launcher:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher watch", daemon=True).start()
+
+
+def how_it_ended(returncode: int) -> str:
+    """A process's exit status in words: 'exit status 2' or 'killed by SIGKILL'."""
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+class Workers:
+    """The training processes of one job, started together and ended together."""
+
+    def __init__(self, script: str, argv: list[str], processes: int) -> None:
+        port = free_port()
+        self.processes = [
+            # A process group of their own: a Ctrl-C in the terminal reaches this process only,
+            # and is passed on once (two would mean "quit at once, unsaved").
+            subprocess.Popen(
+                [sys.executable, script, *argv],
+                env=worker_environment(rank, processes, port),
+                process_group=0,
+            )
+            for rank in range(processes)
+        ]
+
+    def signal_all(self, signum: int) -> None:
+        """Send a signal to every process still running."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    def first_failure(self) -> tuple[int, int] | None:
+        """(rank, exit status) of the process that failed first, if one has.
+
+        When several are seen ended at once, one killed by a signal is the likelier cause: the
+        others end soon after, when they find their peer gone.
+        """
+        failed = [
+            (process.returncode >= 0, rank, process.returncode)
+            for rank, process in enumerate(self.processes)
+            if process.poll() not in (None, 0, 130)  # 130: stopped on request, and saved
+        ]
+        return min(failed)[1:] if failed else None
+
+    def wait(self) -> tuple[int, int] | None:
+        """Wait for all; at the first failure, stop the rest (killed if they do not end)."""
+        while any(process.poll() is None for process in self.processes):
+            failed = self.first_failure()
+            if failed is not None:
+                self.end_all()
+                return failed
+            time.sleep(POLL_S)
+        return self.first_failure()
+
+    def end_all(self) -> None:
+        """After a failure: let the others end by themselves, else stop them, else kill them."""
+        self.wait_a_while(NOTICE_S)  # each says in one line that a process is gone
+        self.signal_all(signal.SIGTERM)
+        self.wait_a_while(GRACE_S)
+        self.signal_all(signal.SIGKILL)
+        for process in self.processes:
+            process.wait()
+
+    def wait_a_while(self, seconds: float) -> None:
+        """Wait until every process has ended, or for `seconds` at most."""
+        deadline = time.monotonic() + seconds
+        while any(p.poll() is None for p in self.processes) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+
+
+def run_processes(prog: str, script: str, argv: list[str], processes: int) -> int:
+    """Train with `processes` processes of `script` on this machine; returns the exit status."""
+    workers = Workers(script, argv, processes)
+
+    def pass_on(signum: int, frame: FrameType | None) -> None:
+        workers.signal_all(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in stop_signals()}
+    try:
+        failed = workers.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed is None:
+        return max(process.returncode for process in workers.processes)  # 0, or 130 if stopped
+    rank, returncode = failed
+    print(
+        f"{prog}: the job ended: process {rank} of {processes} failed first "
+        f"({how_it_ended(returncode)})",
+        file=sys.stderr,
+    )
+    return returncode if returncode > 0 else 1
