@@ -308,6 +308,15 @@ def any_process(flag: bool, context: Distributed, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def from_process_0(value: int, context: Distributed, device: torch.device) -> int:
+    """Process 0's value of a whole number, in every process (for decisions made once)."""
+    if not context.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 # ----------------------------------------------------------------------------------------------
 # What runs the forward passes
 

@@ -51,6 +51,7 @@ from support.devices import (
     StopRequest,
     any_process,
     as_process_lost,
+    from_process_0,
     model_memory,
     note_random_streams,
     process_rank,
@@ -87,6 +88,7 @@ from support.training_log import (
 from tokenization import Tokenizer
 
 LONG_STEP_S = 60  # a step that takes longer is worth a warning at start
+STOP_CHECK_S = 0.5  # under torchrun, processes agree on stopping this often within a step
 
 
 class TrainingDiverged(Exception):
@@ -242,6 +244,8 @@ class TrainingSession:
         self.clock_start, self.elapsed_before = 0.0, 0.0
         self._streams_before: dict[str, Any] = {}
         self._evaluating = False  # process 0 evaluates alone: see stop_asked_between_passes
+        self._passes_per_stop_check = 0  # under torchrun; 0: only between steps
+        self._passes_seen = 0
 
     @contextlib.contextmanager
     def open(
@@ -406,41 +410,54 @@ class TrainingSession:
         if self.distributed.is_main:
             resumed = state.step if train.resume else None
             board = TensorBoardLog(self.folder.path, self.settings.to_dict(), resumed)
-        self._warn_if_steps_are_long(run)
+        self._plan_for_long_steps(run)
         self.progress = Progress(train.max_iters, state.step, run.tokens_per_step(), board)
         self.clock_start, self.elapsed_before = time.perf_counter(), state.elapsed_s
         with self.stop, contextlib.closing(self.progress):
             yield
 
-    def _warn_if_steps_are_long(self, run: Trainee) -> None:
-        """Say at start what a step takes when a giant batch makes it many passes long.
+    def _plan_for_long_steps(self, run: Trainee) -> None:
+        """Time a pass at start: warn of steps over a minute, and plan the stop checks.
 
-        One forward pass, timed without gradients (a training pass costs about three), tells.
+        One forward pass, timed by process 0 without gradients (a training pass costs about
+        three), tells. Under torchrun, the processes agree within a long step on whether to
+        stop: each agreement is a message per process, so they agree about every STOP_CHECK_S
+        of passes, soon enough to stop within seconds and rarely enough to cost nothing.
         """
         train = self.settings.train
         per_pass = self.sequences_per_pass
         passes = -(-train.batch_size // per_pass) * train.gradient_accumulation_steps
-        if passes < 2 or not self.distributed.is_main:
-            return
+        pass_s = 0.0
+        if passes > 1 and self.distributed.is_main:
+            pass_s = 3 * self._time_a_forward_pass(run)
+        if pass_s * passes > LONG_STEP_S:
+            steps_left = train.max_iters - self.state.step
+            print(
+                f"warning: a step is {passes:,} passes of {per_pass:,} sequences, about "
+                f"{duration(pass_s * passes)} each ({duration(pass_s * passes * steps_left)} "
+                f"for {steps_left:,} steps); Ctrl-C stops within a pass. Lower --batch_size or "
+                "--gradient_accumulation_steps for shorter steps",
+                file=sys.stderr,
+            )
+        # 0: only between steps (a step is short, or a single pass).
+        every = math.ceil(STOP_CHECK_S / pass_s) if pass_s * passes > STOP_CHECK_S else 0
+        self._passes_per_stop_check = from_process_0(every, self.distributed, self.device)
+
+    def _time_a_forward_pass(self, run: Trainee) -> float:
+        """Seconds for one forward pass of a training pass's size, without gradients."""
         block_size = run.model.config.block_size
-        x, y = get_batch(run.splits["train"], per_pass, block_size, torch.Generator(), self.device)
+        x, y = get_batch(
+            run.splits["train"], self.sequences_per_pass, block_size, torch.Generator(), self.device
+        )
         run.model.eval()
         with torch.no_grad():
             start = time.perf_counter()
             run.model(x, y)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            step_s = 3 * (time.perf_counter() - start) * passes
+            seconds = time.perf_counter() - start
         run.model.train()
-        if step_s > LONG_STEP_S:
-            steps_left = train.max_iters - self.state.step
-            print(
-                f"warning: a step is {passes:,} passes of {per_pass:,} sequences, about "
-                f"{duration(step_s)} each ({duration(step_s * steps_left)} for {steps_left:,} "
-                "steps); Ctrl-C stops within a pass. Lower --batch_size or "
-                "--gradient_accumulation_steps for shorter steps",
-                file=sys.stderr,
-            )
+        return seconds
 
     # --- In the loop -------------------------------------------------------------------------
 
@@ -494,12 +511,17 @@ class TrainingSession:
         """Whether Ctrl-C or SIGTERM came, for a long step or evaluation to stop midway.
 
         Under torchrun, every process must drop the same pass of a step: they agree on it (a
-        one-number message each). Process 0 evaluates alone, so it decides alone while the
-        others wait for it at their stop check. A step or an evaluation dropped midway is
+        one-number message each) every few passes of a long step (_plan_for_long_steps).
+        Process 0 evaluates alone, so it decides alone while the others wait for it at their
+        stop check. A step or an evaluation dropped midway is
         saved as never begun (see save_and_stop).
         """
         if self._evaluating or not self.distributed.enabled:
             return self.stop.requested
+        self._passes_seen += 1  # the same count in every process: each asks at every pass
+        every = self._passes_per_stop_check
+        if not every or self._passes_seen % every:
+            return False
         return any_process(self.stop.requested, self.distributed, self.device)
 
     def _note_random_streams(self) -> None:
