@@ -28,6 +28,7 @@ LAUNCHER_VARIABLE = "MINI_GPT_LAUNCHER_PID"  # set for the processes that --proc
 NOTICE_S = 5.0  # how long the others get to find a failed process gone, and end by themselves
 GRACE_S = 15.0  # how long stopped processes get to save and leave before they are killed
 POLL_S = 0.05
+USER_ERROR = 2  # the exit status of a process that refused its settings or input, in a line
 
 
 def started_by_a_launcher() -> bool:
@@ -53,6 +54,12 @@ def check_processes(processes: int, requested_device: str) -> None:
     if processes == 1:
         return
     device = resolve_device(requested_device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if device.type == "cpu" and processes > (cores or 1):
+        raise UserFacingError(
+            f"--processes={processes} on the CPU: this machine gives this program {cores} "
+            "cores, and a process needs one at least; lower --processes"
+        )
     if device.type == "mps":
         raise UserFacingError("several processes train on cuda or cpu; add --device=cpu")
     if device.type == "cuda" and processes > torch.cuda.device_count():
@@ -115,18 +122,31 @@ def how_it_ended(returncode: int) -> str:
 class Workers:
     """The training processes of one job, started together and ended together."""
 
-    def __init__(self, script: str, argv: list[str], processes: int) -> None:
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen] = []
+        self.received: list[tuple[int, int]] = []  # (signal, how many processes had started)
+
+    def start(self, script: str, argv: list[str], processes: int) -> None:
+        """Start the processes; a signal that came meanwhile reaches those started after it."""
         port = free_port()
-        self.processes = [
+        for rank in range(processes):
             # A process group of their own: a Ctrl-C in the terminal reaches this process only,
             # and is passed on once (two would mean "quit at once, unsaved").
-            subprocess.Popen(
-                [sys.executable, script, *argv],
-                env=worker_environment(rank, processes, port),
-                process_group=0,
+            self.processes.append(
+                subprocess.Popen(
+                    [sys.executable, script, *argv],
+                    env=worker_environment(rank, processes, port),
+                    process_group=0,
+                )
             )
-            for rank in range(processes)
-        ]
+        for signum, started in self.received:
+            for process in self.processes[started:]:
+                process.send_signal(signum)
+
+    def pass_on(self, signum: int, frame: FrameType | None) -> None:
+        """A signal handler: every process gets the signal this one got."""
+        self.received.append((signum, len(self.processes)))
+        self.signal_all(signum)
 
     def signal_all(self, signum: int) -> None:
         """Send a signal to every process still running."""
@@ -175,13 +195,10 @@ class Workers:
 
 def run_processes(prog: str, script: str, argv: list[str], processes: int) -> int:
     """Train with `processes` processes of `script` on this machine; returns the exit status."""
-    workers = Workers(script, argv, processes)
-
-    def pass_on(signum: int, frame: FrameType | None) -> None:
-        workers.signal_all(signum)
-
-    previous = {sig: signal.signal(sig, pass_on) for sig in stop_signals()}
+    workers = Workers()
+    previous = {sig: signal.signal(sig, workers.pass_on) for sig in stop_signals()}
     try:
+        workers.start(script, argv, processes)
         failed = workers.wait()
     finally:
         for sig, handler in previous.items():
@@ -189,9 +206,10 @@ def run_processes(prog: str, script: str, argv: list[str], processes: int) -> in
     if failed is None:
         return max(process.returncode for process in workers.processes)  # 0, or 130 if stopped
     rank, returncode = failed
-    print(
-        f"{prog}: the job ended: process {rank} of {processes} failed first "
-        f"({how_it_ended(returncode)})",
-        file=sys.stderr,
-    )
+    if returncode != USER_ERROR:  # that one said what it refused; nothing to add
+        print(
+            f"{prog}: the job ended: process {rank} of {processes} failed first "
+            f"({how_it_ended(returncode)})",
+            file=sys.stderr,
+        )
     return returncode if returncode > 0 else 1

@@ -106,6 +106,7 @@ TRAINING_CASES = [
     ("a path with \\n", {"data": "{tmp}/my\\new.txt"}, None, 2, ["my\\new.txt not found"]),
     ("unknown attention", {"attention": "evil"}, None, 2, ["invalid choice"]),
     ("no processes", {"processes": 0}, None, 2, ["processes must be >= 1"]),
+    ("more processes than cores", {"processes": 100_000}, None, 2, ["a process needs one"]),
     # With --processes, the settings are checked once, before any process starts.
     ("two processes, a bad number", {"processes": 2, "n_layer": "x"}, None, 2, ["--n_layer"]),
     ("two processes, a nan", {"processes": 2, "learning_rate": "nan"}, None, 2, ["finite"]),

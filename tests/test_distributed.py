@@ -99,17 +99,32 @@ def test_resume_under_torchrun(runs):  # of the run that --processes=2 started
     assert [r["step"] for r in metrics(runs["two"])] == [0, 4, 8, 12, 16]
 
 
+LAUNCHERS = {
+    "torchrun": [*TORCHRUN, "--nproc_per_node=2", TRAIN],
+    "processes": [sys.executable, TRAIN, "--processes=2"],
+}
+
+
 @pytest.mark.slow
-def test_a_failing_rank_ends_the_whole_job(tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_a_failing_rank_ends_the_whole_job(tmp_path, launcher):
     started = time.perf_counter()
     result = run(
-        [*TORCHRUN, "--nproc_per_node=2", TRAIN, "--data=missing.txt", "--device=cpu"],
-        cwd=tmp_path,
-        timeout=120,
+        [*LAUNCHERS[launcher], "--data=missing.txt", "--device=cpu"], cwd=tmp_path, timeout=120
     )
     assert result.returncode != 0
     assert "corpus missing.txt not found" in result.stderr
     assert time.perf_counter() - started < 60
+    if launcher == "processes":  # one line from each process, and nothing else
+        assert result.returncode == 2
+        assert (
+            result.stderr.splitlines()
+            == [
+                "train_model.py: error: corpus missing.txt not "
+                "found; pass --data PATH to a UTF-8 text file"
+            ]
+            * 2
+        )
 
 
 def worker_with_rank(parent: int, rank: int) -> int | None:
