@@ -513,8 +513,8 @@ class TrainingSession:
         Under torchrun, every process must drop the same pass of a step: they agree on it (a
         one-number message each) every few passes of a long step (_plan_for_long_steps).
         Process 0 evaluates alone, so it decides alone while the others wait for it at their
-        stop check. A step or an evaluation dropped midway is
-        saved as never begun (see save_and_stop).
+        stop check. A step or an evaluation dropped midway is saved as never begun (see
+        save_and_stop).
         """
         if self._evaluating or not self.distributed.enabled:
             return self.stop.requested
