@@ -54,8 +54,8 @@ def check_processes(processes: int, requested_device: str) -> None:
     if processes == 1:
         return
     device = resolve_device(requested_device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device.type == "cpu" and processes > (cores or 1):
+    cores = usable_cores()
+    if device.type == "cpu" and processes > cores:
         raise UserFacingError(
             f"--processes={processes} on the CPU: this machine gives this program {cores} "
             "cores, and a process needs one at least; lower --processes"
@@ -69,6 +69,13 @@ def check_processes(processes: int, requested_device: str) -> None:
         )
 
 
+def usable_cores() -> int:
+    """The CPU cores this program may run on (a container or taskset may give it fewer)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def free_port() -> int:
     """A TCP port that no one listens on now, for process 0 to gather the others on."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -80,7 +87,7 @@ def worker_environment(rank: int, processes: int, port: int) -> dict[str, str]:
     """What torchrun would set for process `rank` of a job on this machine alone."""
     environment = dict(os.environ)
     # Each process computes on its share of the cores, unless the user chose (as torchrun does).
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    threads = max(1, usable_cores() // processes)
     environment.setdefault("OMP_NUM_THREADS", str(threads))
     environment.update(
         RANK=str(rank),
