@@ -67,7 +67,7 @@ class Run:
     distributed: Distributed = dataclasses.field(default_factory=Distributed)
     average: AveragedModel | None = None  # the weights' moving average, if one is kept
     # Whether Ctrl-C or SIGTERM came, asked between passes so that a long step stops within
-    # seconds (under torchrun, processes stop together between steps instead).
+    # seconds (several processes agree on it, so that all drop the same pass).
     stop_asked: Callable[[], bool] = lambda: False
 
     def final_model(self) -> GPT:

@@ -281,21 +281,29 @@ class ProcessLost(Exception):
     """Another process of the job ended (killed, or failed first): this one cannot go on alone."""
 
 
-# What gloo and NCCL say when a peer's connection breaks (as RuntimeError, or DistError).
-LOST_PEER_WORDS = ("Connection", "connection", "Broken pipe", "gloo", "NCCL", "peer")
+# What gloo and NCCL say when a peer's connection breaks; any other error is left as it is.
+LOST_PEER_WORDS = (
+    "reset by peer",
+    "closed by peer",
+    "Connection closed",
+    "Connection refused",
+    "Broken pipe",
+    "remote process exited",
+)
 
 
 def as_process_lost(err: RuntimeError, context: Distributed) -> ProcessLost | None:
     """The one-line story of a collective that failed because a peer is gone; None otherwise."""
     if not context.enabled:
         return None
-    if not isinstance(err, dist.DistError) and not any(w in str(err) for w in LOST_PEER_WORDS):
+    lost = isinstance(err, dist.DistNetworkError) or any(w in str(err) for w in LOST_PEER_WORDS)
+    if not lost:
         return None
     # "[.../gloo/transport/tcp/pair.cc:537] Read error [...]: Connection reset by peer. This..."
     reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]
     return ProcessLost(
         f"another training process ended ({reason}), so process {context.rank} stops too; "
-        "checkpoints saved so far are intact (continue with --resume)"
+        "what was saved before is intact"
     )
 
 

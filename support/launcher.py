@@ -27,6 +27,7 @@ from support.devices import resolve_device, stop_signals, torchrun_variable
 LAUNCHER_VARIABLE = "MINI_GPT_LAUNCHER_PID"  # set for the processes that --processes starts
 NOTICE_S = 5.0  # how long the others get to find a failed process gone, and end by themselves
 GRACE_S = 15.0  # how long stopped processes get to save and leave before they are killed
+ORPHAN_GRACE_S = 60.0  # the same, for processes whose launcher died (nobody else kills them)
 POLL_S = 0.05
 USER_ERROR = 2  # the exit status of a process that refused its settings or input, in a line
 
@@ -47,8 +48,8 @@ def check_processes(processes: int, requested_device: str) -> None:
         started = torchrun_variable("LOCAL_WORLD_SIZE", 1)
         if processes not in (1, started):
             raise UserFacingError(
-                f"--processes={processes}, but torchrun started {started} processes on this "
-                "machine; under torchrun leave --processes out (or set it to 1)"
+                f"processes is {processes} (given, or the resumed run's), but torchrun started "
+                f"{started} processes on this machine; add --processes={started}"
             )
         return
     if processes == 1:
@@ -61,7 +62,7 @@ def check_processes(processes: int, requested_device: str) -> None:
             "cores, and a process needs one at least; lower --processes"
         )
     if device.type == "mps":
-        raise UserFacingError("several processes train on cuda or cpu; add --device=cpu")
+        raise UserFacingError("--processes trains on cuda or cpu, not mps; add --device=cpu")
     if device.type == "cuda" and processes > torch.cuda.device_count():
         raise UserFacingError(
             f"--processes={processes} needs a GPU each, and this machine has "
@@ -115,6 +116,10 @@ def stop_with_the_launcher() -> None:
         while str(os.getppid()) == launcher:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
+        # Waiting for the other processes (they may be gone too), a process never gets to
+        # Python's signal handler: once the stop has had its time to save, end regardless.
+        time.sleep(ORPHAN_GRACE_S)
+        os._exit(1)
 
     threading.Thread(target=watch, name="launcher watch", daemon=True).start()
 
@@ -130,12 +135,22 @@ class Workers:
     """The training processes of one job, started together and ended together."""
 
     def __init__(self) -> None:
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
         self.received: list[tuple[int, int]] = []  # (signal, how many processes had started)
 
     def start(self, script: str, argv: list[str], processes: int) -> None:
         """Start the processes; a signal that came meanwhile reaches those started after it."""
         port = free_port()
+        try:
+            self._start_each(script, argv, processes, port)
+        except BaseException:  # e.g. no more processes allowed: none is left waiting for others
+            self.signal_all(signal.SIGKILL)
+            raise
+        for signum, started in self.received:
+            for process in self.processes[started:]:
+                process.send_signal(signum)
+
+    def _start_each(self, script: str, argv: list[str], processes: int, port: int) -> None:
         for rank in range(processes):
             # A process group of their own: a Ctrl-C in the terminal reaches this process only,
             # and is passed on once (two would mean "quit at once, unsaved").
@@ -146,9 +161,6 @@ class Workers:
                     process_group=0,
                 )
             )
-        for signum, started in self.received:
-            for process in self.processes[started:]:
-                process.send_signal(signum)
 
     def pass_on(self, signum: int, frame: FrameType | None) -> None:
         """A signal handler: every process gets the signal this one got."""
@@ -170,9 +182,17 @@ class Workers:
         failed = [
             (process.returncode >= 0, rank, process.returncode)
             for rank, process in enumerate(self.processes)
-            if process.poll() not in (None, 0, 130)  # 130: stopped on request, and saved
+            if process.poll() is not None and not self.ended_as_asked(process.returncode)
         ]
         return min(failed)[1:] if failed else None
+
+    def ended_as_asked(self, returncode: int) -> bool:
+        """Whether a process ended as it should: finished, or stopped as asked.
+
+        Stopped: saved after a Ctrl-C or SIGTERM (130), or ended by the signal passed on to it
+        while it still loaded its libraries.
+        """
+        return returncode in (0, 130) or -returncode in {signum for signum, _ in self.received}
 
     def wait(self) -> tuple[int, int] | None:
         """Wait for all; at the first failure, stop the rest (killed if they do not end)."""
@@ -210,8 +230,8 @@ def run_processes(prog: str, script: str, argv: list[str], processes: int) -> in
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if failed is None:
-        return max(process.returncode for process in workers.processes)  # 0, or 130 if stopped
+    if failed is None:  # 0 when all finished, 130 when stopped on request
+        return 0 if all(p.returncode == 0 for p in workers.processes) else 130
     rank, returncode = failed
     if returncode != USER_ERROR:  # that one said what it refused; nothing to add
         print(

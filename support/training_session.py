@@ -88,7 +88,7 @@ from support.training_log import (
 from tokenization import Tokenizer
 
 LONG_STEP_S = 60  # a step that takes longer is worth a warning at start
-STOP_CHECK_S = 0.5  # under torchrun, processes agree on stopping this often within a step
+STOP_CHECK_S = 0.5  # several processes agree on stopping this often within a long step
 
 
 class TrainingDiverged(Exception):
@@ -177,12 +177,21 @@ def read_settings(
     check_resumable(checkpoint)
     check_checkpoint_belongs(folder, checkpoint)
     settings = settings_for_resume(saved_settings(checkpoint), given, str(folder.path))
-    if checkpoint["step"] >= settings.train.max_iters:
+    if finished(folder, checkpoint["step"], settings.train.max_iters):
         raise UserFacingError(
             f"the saved run already did {checkpoint['step']} steps; raise --max_iters to "
             "train further"
         )
     return settings, checkpoint
+
+
+def finished(folder: RunFolder, step: int, max_iters: int) -> bool:
+    """Whether a run saved at `step` has nothing left to do up to max_iters.
+
+    A run stopped during its final evaluation saved at max_iters without it: resuming does it.
+    """
+    history = read_history(folder.metrics, step)
+    return step > max_iters or (step == max_iters and bool(history) and history[-1]["step"] == step)
 
 
 def check_checkpoint_belongs(folder: RunFolder, checkpoint: dict[str, Any]) -> None:
@@ -244,7 +253,7 @@ class TrainingSession:
         self.clock_start, self.elapsed_before = 0.0, 0.0
         self._streams_before: dict[str, Any] = {}
         self._evaluating = False  # process 0 evaluates alone: see stop_asked_between_passes
-        self._passes_per_stop_check = 0  # under torchrun; 0: only between steps
+        self._passes_per_stop_check = 0  # with several processes; 0: only between steps
         self._passes_seen = 0
 
     @contextlib.contextmanager
@@ -280,7 +289,7 @@ class TrainingSession:
                 with lock or contextlib.nullcontext():
                     self.distributed, self.device, self.dtype = setup_compute(self.settings.train)
                     yield self.settings
-        except RuntimeError as err:  # under torchrun: a collective whose peer is gone?
+        except RuntimeError as err:  # several processes: a collective whose peer is gone?
             lost = as_process_lost(err, self.distributed)
             if lost is None:
                 raise
@@ -420,9 +429,9 @@ class TrainingSession:
         """Time a pass at start: warn of steps over a minute, and plan the stop checks.
 
         One forward pass, timed by process 0 without gradients (a training pass costs about
-        three), tells. Under torchrun, the processes agree within a long step on whether to
-        stop: each agreement is a message per process, so they agree about every STOP_CHECK_S
-        of passes, soon enough to stop within seconds and rarely enough to cost nothing.
+        three), tells. Several processes agree within a long step on whether to stop: each
+        agreement is a message per process, so they agree about every STOP_CHECK_S of passes,
+        soon enough to stop within seconds and rarely enough to cost nothing.
         """
         train = self.settings.train
         per_pass = self.sequences_per_pass
@@ -568,7 +577,9 @@ class TrainingSession:
         """
         if step_dropped:
             put_back_random_streams(self._streams_before, self.state.batch_generator)
-        if step_dropped and self._evaluating:  # the others wait at their stop check: stop them
+        # Process 0 dropped an evaluation that it makes alone: the others wait at their stop
+        # check (told here to stop), or, after the last step, in finish (met below).
+        if step_dropped and self._evaluating and self.state.step < self.settings.train.max_iters:
             any_process(True, self.distributed, self.device)
         self._tick()
         self.progress.close()

@@ -6,6 +6,7 @@ Run alone: python -m pytest tests/test_reliability.py
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -265,6 +266,20 @@ def test_a_step_dropped_midway_resumes_exactly(tmp_path, tiny_corpus, monkeypatc
     theirs = final_weights(tmp_path / "reference" / "ckpt_last.pth")
     for name, tensor in theirs.items():
         assert torch.allclose(ours[name], tensor, atol=1e-6), name
+
+
+def test_a_stop_during_the_final_evaluation_is_resumed_into_it(tmp_path, tiny_corpus, monkeypatch):
+    from support.training_session import TrainingSession
+
+    argv = tiny_train_argv(tmp_path / "out", tiny_corpus, max_iters=4, eval_interval=2)
+    final = lambda session: session._evaluating and session.state.step == 4  # noqa: E731
+    monkeypatch.setattr(TrainingSession, "stop_asked_between_passes", final)
+    assert train_model.main(argv) == 130
+    assert load_checkpoint(tmp_path / "out" / "ckpt_last.pth")["step"] == 4
+    monkeypatch.undo()
+    assert train_model.main([*argv, "--resume"]) == 0  # not "already did 4 steps"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert steps == [0, 2, 4]
 
 
 def test_a_long_step_is_announced_at_start(tmp_path, tiny_corpus, capsys, monkeypatch):
