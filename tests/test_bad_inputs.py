@@ -549,19 +549,31 @@ def test_training_survives_a_closed_pipe_and_a_closed_terminal(tmp_path, tiny_co
     assert load_checkpoint(tmp_path / "out" / "ckpt_last.pth")["step"] == 300
 
 
+def hangup_as_a_terminal_sends_it() -> None:
+    """In a child, before it runs: SIGHUP's default, even when the tests run under nohup."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def test_a_hangup_saves_like_ctrl_c(tmp_path, tiny_corpus):
     out_dir = tmp_path / "out"
     argv = tiny_train_argv(out_dir, tiny_corpus, max_iters=100_000, eval_interval=50)
     process = subprocess.Popen(
-        [sys.executable, TRAIN, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [sys.executable, TRAIN, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=hangup_as_a_terminal_sends_it,  # (under nohup the run rightly ignores it)
     )
-    deadline = time.monotonic() + 120
-    while not (out_dir / "ckpt_last.pth").exists():
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.1)
-    process.send_signal(signal.SIGHUP)  # the terminal closed
-    assert process.wait(timeout=120) == 130
+    try:
+        deadline = time.monotonic() + 120
+        while not (out_dir / "ckpt_last.pth").exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGHUP)  # the terminal closed
+        assert process.wait(timeout=120) == 130
+    finally:
+        process.kill()  # never left training after a failure
     err = process.stderr.read()
     assert "Continue with: python train_model.py --resume" in err
     stopped_at = int(err.split("stopped at step ")[1].split(";")[0])
