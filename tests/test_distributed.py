@@ -117,16 +117,16 @@ def test_a_failing_rank_ends_the_whole_job(tmp_path, launcher):
     assert result.returncode != 0
     assert "corpus missing.txt not found" in result.stderr
     assert time.perf_counter() - started < 60
-    if launcher == "processes":  # one line from each process, and nothing else
+    if launcher == "processes":  # at most one line from each process, and nothing else
         assert result.returncode == 2
-        assert (
-            result.stderr.splitlines()
-            == [
-                "train_model.py: error: corpus missing.txt not "
-                "found; pass --data PATH to a UTF-8 text file"
-            ]
-            * 2
-        )
+        lines = result.stderr.splitlines()
+        missing = "train_model.py: error: corpus missing.txt not found; pass --data PATH to a " \
+            "UTF-8 text file"  # fmt: skip
+        # (a process slower to fail is stopped by the launcher after 5 s: "interrupted")
+        stopped = "train_model.py: interrupted; nothing had been saved yet"
+        assert missing in lines, result.stderr
+        assert len(lines) <= 2, result.stderr
+        assert set(lines) <= {missing, stopped}, result.stderr
 
 
 def worker_with_rank(parent: int, rank: int) -> int | None:
