@@ -27,8 +27,14 @@ def first_line(err: BaseException) -> str:
 
 def print_error(prog: str, err: BaseException) -> None:
     """Print a user-facing failure as one line on stderr (if anyone can still read it)."""
+    print_line(f"{prog}: error: {err}")
+
+
+def print_line(text: str) -> None:
+    """One line on stderr, written at once: processes sharing it cannot mix their lines."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.stderr.write(text + "\n")  # print() writes the newline apart
+        sys.stderr.flush()
 
 
 class ForgivingStream:

@@ -21,7 +21,7 @@ from types import FrameType
 
 import torch
 
-from support.common import UserFacingError
+from support.common import UserFacingError, print_line
 from support.devices import resolve_device, stop_signals, torchrun_variable
 
 LAUNCHER_VARIABLE = "MINI_GPT_LAUNCHER_PID"  # set for the processes that --processes starts
@@ -234,9 +234,8 @@ def run_processes(prog: str, script: str, argv: list[str], processes: int) -> in
         return 0 if all(p.returncode == 0 for p in workers.processes) else 130
     rank, returncode = failed
     if returncode != USER_ERROR:  # that one said what it refused; nothing to add
-        print(
+        print_line(
             f"{prog}: the job ended: process {rank} of {processes} failed first "
-            f"({how_it_ended(returncode)})",
-            file=sys.stderr,
+            f"({how_it_ended(returncode)})"
         )
     return returncode if returncode > 0 else 1

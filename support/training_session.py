@@ -45,7 +45,7 @@ from support.checkpoint import (
     saved_tokenizer,
 )
 from support.command_line import parse_configs
-from support.common import ForgivingStream, UserFacingError
+from support.common import ForgivingStream, UserFacingError, print_line
 from support.devices import (
     Distributed,
     StopRequest,
@@ -598,7 +598,7 @@ class TrainingSession:
         """Say what a second Ctrl-C (or one during start-up) left behind; returns the status."""
         saved = self.folder is not None and self.folder.last_checkpoint.exists()
         kept = "the last checkpoint is intact" if saved else "nothing had been saved yet"
-        print(f"{self.prog}: interrupted; {kept}", file=sys.stderr)
+        print_line(f"{self.prog}: interrupted; {kept}")
         return 130
 
     def _save(self, run: Trainee, path: Path) -> None:

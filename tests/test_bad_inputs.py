@@ -189,7 +189,7 @@ def test_processes_that_torchrun_did_not_start_are_refused(
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)
     argv = tiny_train_argv(tmp_path / "out", tiny_corpus, processes=3)
-    one_line_error(capsys, train_model.main(argv), 2, "--processes=3", "torchrun started 2")
+    one_line_error(capsys, train_model.main(argv), 2, "processes is 3", "torchrun started 2")
 
 
 HOLD_THE_LOCK = """
