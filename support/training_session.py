@@ -404,9 +404,10 @@ class TrainingSession:
 
     def _say_batch(self, run: Trainee) -> None:
         train, block_size = self.settings.train, self.settings.model.block_size
+        world = self.distributed.world_size
         print(
-            f"global batch: {train.batch_size} x {train.gradient_accumulation_steps}"
-            f" accumulation x {self.distributed.world_size} processes = "
+            f"global batch: {train.batch_size} x {train.gradient_accumulation_steps} accumulation"
+            f"{f' x {world} processes' if world > 1 else ''} = "
             f"{run.tokens_per_step() // block_size} sequences of {block_size} tokens, "
             f"{self.sequences_per_pass} sequences per forward and backward pass"
         )
