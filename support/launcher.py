@@ -158,7 +158,7 @@ class Workers:
                 subprocess.Popen(
                     [sys.executable, script, *argv],
                     env=worker_environment(rank, processes, port),
-                    process_group=0,
+                    process_group=0 if os.name == "posix" else None,
                 )
             )
 
