@@ -140,15 +140,21 @@ def train_step(run: Run, state: TrainingState) -> tuple[torch.Tensor, torch.Tens
                 loss = loss * share
                 run.scaler.scale(loss).backward()
             total_loss += loss.detach()
+    return total_loss, apply_gradients(run)
+
+
+def apply_gradients(run: Run) -> torch.Tensor:
+    """The optimizer step on the summed gradients (clipped); returns their norm before clipping."""
     run.scaler.unscale_(run.optimizer)  # true gradients, for their norm and for clipping
-    if config.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    parameters = run.model.parameters()
+    if run.config.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, run.config.grad_clip)
     else:
-        grad_norm = torch.nn.utils.get_total_norm(p.grad for p in run.model.parameters())
+        grad_norm = torch.nn.utils.get_total_norm(p.grad for p in parameters)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return total_loss, grad_norm
+    return grad_norm
 
 
 @torch.no_grad()
