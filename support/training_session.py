@@ -477,11 +477,12 @@ class TrainingSession:
 
     def evaluation_due(self) -> bool:
         """Every eval_interval steps and at the last, once per step, by process 0 only."""
-        self._note_random_streams()
         step, history = self.state.step, self.state.history
         due = step % self.settings.train.eval_interval == 0 or step == self.settings.train.max_iters
         logged = bool(history) and history[-1]["step"] == step
         self._evaluating = due and not logged and self.distributed.is_main
+        if self._evaluating:
+            self._note_random_streams()
         return self._evaluating
 
     def record_evaluation(self, losses: dict[str, float], run: Trainee) -> None:
